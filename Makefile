@@ -1,0 +1,35 @@
+# Two commands: `make demo` (the main job) and `make test` (what CI runs). Both create .venv if missing.
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.nbsupport-installed
+ARGS   ?=
+
+.PHONY: demo test smoke paper venv lab clean-runs
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(VPY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)  ## run every notebook on the offline default into runs/<timestamp>-demo/
+	$(VPY) -m nbsupport run --profile demo $(ARGS)
+
+test: $(STAMP)  ## pytest, then every notebook headless in the smoke profile
+	$(VPY) -m pytest -q
+	$(VPY) -m nbsupport run --profile smoke $(ARGS)
+
+smoke: $(STAMP)
+	$(VPY) -m nbsupport run --profile smoke $(ARGS)
+
+paper: $(STAMP)  ## real weights and datasets (needs downloads and a GPU)
+	$(VPY) -m nbsupport run --profile paper $(ARGS)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-runs:
+	rm -rf runs/
