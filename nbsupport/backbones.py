@@ -324,3 +324,15 @@ def _load_path(path: Path, device, name: str | None = None, label: str | None = 
     load_state(model, sd, str(path))
     desc = f"{label or meta.get('description') or path.name} {_arch_name(arch)}"
     return _attach(model, name or str(path), arch, True, desc, device)
+
+
+def random_like(model: nn.Module, seed: int = 0, device=None) -> nn.Module:
+    """A seeded random-init ViT with ``model``'s architecture: the floor a learned backbone must beat."""
+    info = model.nbs_info
+    arch = Arch(info["patch_size"], info["embed_dim"], info["depth"], info["num_heads"], info.get("img_size", 224))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        floor = build(arch)
+    device = device or next(model.parameters()).device
+    return _attach(floor, f"random_like:{info['name']}", arch, False,
+                   f"random-init {_arch_name(arch)} (seed {seed})", device)
