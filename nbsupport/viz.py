@@ -68,7 +68,7 @@ def grid(n: int, ncols: int = 4, size: float = 3.0):
     """A figure with ``n`` axes in rows of ``ncols``; returns ``(fig, axes)`` (flat, extra axes hidden)."""
     ncols = max(1, min(ncols, n))
     nrows = int(np.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False, layout="constrained")
     axes = axes.ravel()
     for ax in axes[n:]:
         ax.axis("off")
