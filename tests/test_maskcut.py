@@ -1,0 +1,167 @@
+"""MaskCut: solver agreement with the dense reference, reference rules, pixel masks, COCO export."""
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from nbsupport import maskcut as mc
+
+
+def planted_grid(h=20, w=20, d=32, noise=1.0, seed=0, boxes=((2, 9, 2, 10), (12, 18, 3, 9), (10, 18, 12, 19))):
+    g = torch.Generator().manual_seed(seed)
+    cent = torch.randn(len(boxes) + 1, d, generator=g) * 2
+    lab = torch.zeros(h, w, dtype=torch.long)
+    for k, (y0, y1, x0, x1) in enumerate(boxes, 1):
+        lab[y0:y1, x0:x1] = k
+    return cent[lab] + noise * torch.randn(h, w, d, generator=g), lab.numpy()
+
+
+def dense_fiedler(A):
+    d = A.sum(1)
+    vals, vecs = scipy.linalg.eigh(np.diag(d) - A, np.diag(d), subset_by_index=[1, 2])
+    return vecs[:, 0], vals
+
+
+def cos_abs(a, b):
+    return abs(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("solver", ["lobpcg", "torch"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_eigenvector_matches_dense_reference(solver, seed):
+    f, _ = planted_grid(seed=seed)
+    A = mc.affinity(f.reshape(-1, f.shape[-1]), 0.15)
+    ref, vals = dense_fiedler(A)
+    x = mc.second_eigenvector(A, solver)
+    assert vals[1] - vals[0] > 1e-3  # clear gap: the eigenvector is well defined
+    assert cos_abs(x, ref) > 1 - 1e-8
+    # generalised eigen-equation holds for our vector
+    d = A.sum(1)
+    lam = (x @ ((np.diag(d) - A) @ x)) / (x @ (d * x))
+    np.testing.assert_allclose((np.diag(d) - A) @ x, lam * d * x, atol=1e-7 * np.abs(d * x).max())
+
+
+def test_masks_equal_dense_solver_including_masked_passes():
+    agree, total = 0, 0
+    for seed in range(6):
+        f, _ = planted_grid(seed=seed, noise=1.5)
+        a = mc.maskcut(f, 3, solver="lobpcg")
+        b = mc.maskcut(f, 3, solver="dense")
+        for k in range(3):
+            total += 1
+            inter = (a[k] & b[k]).sum().item()
+            union = (a[k] | b[k]).sum().item()
+            agree += (union == 0) or inter / union >= 0.99
+    assert agree == total
+
+
+def test_random_grids_agree_where_the_gap_is_clear():
+    checked = 0
+    for seed in range(8):
+        g = torch.Generator().manual_seed(100 + seed)
+        f = torch.randn(15, 15, 16, generator=g)
+        A = mc.affinity(f.reshape(-1, 16), 0.1)
+        ref, vals = dense_fiedler(A)
+        if vals[1] - vals[0] < 1e-3:
+            continue
+        checked += 1
+        x = mc.second_eigenvector(A, "lobpcg")
+        assert cos_abs(x, ref) > 1 - 1e-6
+        np.testing.assert_array_equal(mc.bipartition(x, (15, 15)), mc.bipartition(ref, (15, 15)))
+    assert checked >= 4
+
+
+def test_planted_objects_recovered_one_per_pass():
+    f, lab = planted_grid(noise=0.8)
+    masks = mc.maskcut(f, 3).numpy()
+    found = set()
+    for m in masks:
+        assert m.any()
+        ids, counts = np.unique(lab[m], return_counts=True)
+        best = ids[np.argmax(counts)]
+        assert best > 0 and (lab[m] == best).mean() > 0.95 and m.sum() >= 0.9 * (lab == best).sum()
+        found.add(int(best))
+    assert found == {1, 2, 3}
+    assert not (masks[0] & masks[1]).any() and not (masks[1] & masks[2]).any()
+
+
+def test_bipartition_rules_and_sign_invariance():
+    v = np.zeros((6, 6))
+    v[1:3, 1:3] = 1.0     # object A
+    v[4:6, 4:6] = 0.8     # object B, not connected to A
+    for sign in (1, -1):
+        m = mc.bipartition(sign * v.ravel(), (6, 6))
+        expected = np.zeros((6, 6), bool)
+        expected[1:3, 1:3] = True  # seed = strongest entry; only its 4-connected component
+        np.testing.assert_array_equal(m, expected)
+    # corner rule: foreground holding >= 3 corners is the background -> flipped
+    u = np.ones((6, 6))
+    u[2:4, 2:4] = -3.0
+    exp = np.zeros((6, 6), bool)
+    exp[2:4, 2:4] = True
+    np.testing.assert_array_equal(mc.bipartition(u.ravel(), (6, 6)), exp)
+
+
+def test_rejection_rules_and_batch():
+    f, _ = planted_grid(boxes=((3, 12, 3, 12),), noise=0.5)
+    out = mc.maskcut(f, 3)
+    # one object: the second pass finds nothing new or small -> some pass rejected (empty)
+    assert out[0].any() and (~out[1:].flatten(1).any(1)).any()
+    stop = mc.maskcut(f, 3, after_reject="stop")
+    first_empty = int(np.argmax(~stop.flatten(1).any(1).numpy()))
+    assert not stop[first_empty:].any()
+    batch = mc.maskcut(torch.stack([f, f]), 3)
+    assert batch.shape == (2, 3, 20, 20) and torch.equal(batch[0], out) and torch.equal(batch[1], out)
+    with pytest.raises(ValueError, match="solver"):
+        mc.maskcut(f, 1, solver="magic")
+    with pytest.raises(ValueError, match="tau"):
+        mc.maskcut(f, 1, tau="mean")
+
+
+def test_median_tau_handles_packed_similarities():
+    f, lab = planted_grid(noise=0.8)
+    packed = f + 30.0  # every cosine near 1, like random-init keys: a fixed tau = 0.15 is meaningless
+    fixed = mc.maskcut(packed, 1, tau=0.15)
+    med = mc.maskcut(packed, 1, tau="median")
+    assert med[0].sum() < 0.5 * 400
+    assert fixed[0].sum() != med[0].sum()
+
+
+def test_pixel_masks_upsample_and_subtract():
+    pm = np.zeros((2, 4, 4), bool)
+    pm[0, :2, :2] = True
+    pm[1, :3, :3] = True
+    px = mc.pixel_masks(pm, (40, 40), (32, 32))
+    assert px.shape == (2, 40, 40)
+    assert px[0, :20, :20].all() and not px[0, 20:, :].any()
+    assert not (px[0] & px[1]).any() and px[1][25, 25] and not px[1][5, 5]
+
+
+def test_coco_export_roundtrip(tmp_path):
+    from pycocotools.coco import COCO
+
+    m = np.zeros((2, 30, 50), bool)
+    m[0, 5:10, 10:30] = True
+    m[1, 20:25, 0:5] = True
+    anns = mc.coco_annotations(m, image_id=3) + mc.coco_annotations(np.zeros((1, 30, 50), bool), 3)
+    data = mc.coco_json([{"id": 3, "file_name": "x.png", "height": 30, "width": 50}], anns)
+    p = tmp_path / "a.json"
+    p.write_text(json.dumps(data))
+    coco = COCO(str(p))
+    a = coco.loadAnns(coco.getAnnIds(imgIds=[3]))
+    assert [x["bbox"] for x in a] == [[10.0, 5.0, 20.0, 5.0], [0.0, 20.0, 5.0, 5.0]]
+    assert [x["area"] for x in a] == [100.0, 25.0] and all(x["score"] == 1.0 for x in a)
+    np.testing.assert_array_equal(coco.annToMask(a[0]).astype(bool), m[0])
+    assert data["categories"] == [{"id": 1, "name": "fg", "supercategory": "fg"}]
+
+
+def test_crf_optional_dependency_message():
+    try:
+        import pydensecrf  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pydensecrf2"):
+            mc.crf_refine(np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), bool))
+    else:
+        pytest.skip("pydensecrf2 installed: message path not reachable")
