@@ -335,9 +335,10 @@ def _list_inputs(spec: str) -> list[tuple[str, Path]]:
     raise FileNotFoundError(f"--images {spec}: not a folder of images nor a COCO JSON file")
 
 
-def _read_partial(path: Path) -> dict[str, dict]:
-    """Records already written by an interrupted run (a torn last line is ignored)."""
-    done = {}
+def _read_partial(path: Path, repair: bool = False) -> dict[str, dict]:
+    """Records already written by an interrupted run. A line torn by a kill is ignored and, with
+    ``repair``, removed from the file so that new records start on a clean line."""
+    done, good = {}, []
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
@@ -345,6 +346,11 @@ def _read_partial(path: Path) -> dict[str, dict]:
             except json.JSONDecodeError:
                 continue
             done[rec["key"]] = rec
+            good.append(line)
+        if repair:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in good))
+            os.replace(tmp, path)
     return done
 
 
@@ -366,7 +372,7 @@ def run_cli(args) -> int:
     todo = [(k + 1, key, p) for k, (key, p) in enumerate(items) if k % shard_n == shard_i]
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial.jsonl")
-    done = _read_partial(partial)
+    done = _read_partial(partial, repair=True)
     remaining = [t for t in todo if t[1] not in done]
     print(f"maskcut: {len(todo)} images in shard {shard_i}/{shard_n}, {len(todo) - len(remaining)} already done",
           flush=True)
