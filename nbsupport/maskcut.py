@@ -64,9 +64,8 @@ def affinity(feats_or_cos: torch.Tensor, tau: float, eps: float = 1e-5, is_cos: 
     """Binarised cosine affinity ``[N, N]`` (float64): 1 where cos > tau, else eps (diagonal kept).
     Pass features ``[N, D]`` or, with ``is_cos``, a cosine matrix."""
     s = feats_or_cos if is_cos else cosine_matrix(feats_or_cos)
-    a = np.full(tuple(s.shape), eps, dtype=np.float64)
-    a[(s > tau).cpu().numpy()] = 1.0
-    return a
+    one = torch.ones((), dtype=torch.float64, device=s.device)
+    return torch.where(s > tau, one, torch.full((), eps, dtype=torch.float64, device=s.device)).cpu().numpy()
 
 
 def _dense_reference(A: np.ndarray) -> tuple[np.ndarray, float]:

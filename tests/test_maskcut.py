@@ -165,3 +165,14 @@ def test_crf_optional_dependency_message():
             mc.crf_refine(np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), bool))
     else:
         pytest.skip("pydensecrf2 installed: message path not reachable")
+
+
+def test_crf_snaps_a_shifted_mask_to_the_object_edges():
+    pytest.importorskip("pydensecrf", reason="optional dependency pydensecrf2")
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[16:48, 16:48] = 200
+    true = np.zeros((64, 64), bool)
+    true[16:48, 16:48] = True
+    coarse = np.roll(true, (-4, -4), axis=(0, 1))
+    iou = lambda a, b: (a & b).sum() / (a | b).sum()  # noqa: E731
+    assert iou(coarse, true) < 0.7 and iou(mc.crf_refine(img, coarse), true) > 0.95
