@@ -64,3 +64,40 @@ def mask_recall(gt_masks: np.ndarray, pred_masks: np.ndarray, iou: float = 0.5) 
     inter = g @ p.T
     union = g.sum(1)[:, None] + p.sum(1)[None, :] - inter
     return float(((inter / np.maximum(union, 1)) >= iou).any(1).mean())
+
+
+def confusion_matrix(pred, gt, n_classes: int, ignore: int = 255) -> np.ndarray:
+    """``[n_classes, n_classes]`` counts (rows: ground truth, columns: prediction); ``ignore`` pixels skipped."""
+    pred, gt = np.asarray(pred).ravel(), np.asarray(gt).ravel()
+    keep = gt != ignore
+    pred, gt = pred[keep], gt[keep]
+    if pred.size and (pred.max() >= n_classes or gt.max() >= n_classes or pred.min() < 0 or gt.min() < 0):
+        raise ValueError(f"labels outside 0..{n_classes - 1}")
+    return np.bincount(gt * n_classes + pred, minlength=n_classes ** 2).reshape(n_classes, n_classes)
+
+
+def iou_per_class(conf: np.ndarray) -> np.ndarray:
+    """IoU of each class from a confusion matrix; NaN for classes absent from both GT and prediction."""
+    tp = np.diag(conf).astype(float)
+    denom = conf.sum(0) + conf.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, tp / denom, np.nan)
+
+
+def miou(conf: np.ndarray, include_background: bool = True) -> float:
+    """Mean IoU over the classes that occur (class 0 = background, counted as in VOC when asked)."""
+    ious = iou_per_class(conf)
+    if not include_background:
+        ious = ious[1:]
+    return float(np.nanmean(ious)) * 100 if np.isfinite(ious).any() else float("nan")
+
+
+def iou_disparity(conf_a: np.ndarray, conf_b: np.ndarray, names=None):
+    """Per-class IoU of two models and their difference ``b - a`` (thesis Fig 21-22), sorted by the
+    difference; a pandas DataFrame."""
+    import pandas as pd
+
+    a, b = iou_per_class(conf_a) * 100, iou_per_class(conf_b) * 100
+    names = list(names) if names is not None else [str(i) for i in range(len(a))]
+    df = pd.DataFrame({"class": names, "iou_a": a, "iou_b": b, "difference": b - a})
+    return df.sort_values("difference", ascending=False, na_position="last").reset_index(drop=True)

@@ -42,3 +42,34 @@ def test_mask_recall():
     m = masks()
     assert metrics.mask_recall(m, m[:1]) == 0.5
     assert metrics.mask_recall(m, np.zeros((0, 32, 32), bool)) == 0.0
+
+
+def test_confusion_and_miou_hand_case():
+    gt = np.array([[0, 0, 1], [1, 2, 255]])
+    pred = np.array([[0, 1, 1], [1, 2, 0]])
+    conf = metrics.confusion_matrix(pred, gt, 3)
+    assert conf.tolist() == [[1, 1, 0], [0, 2, 0], [0, 0, 1]]
+    ious = metrics.iou_per_class(conf)
+    np.testing.assert_allclose(ious, [1 / 2, 2 / 3, 1.0])
+    assert metrics.miou(conf) == pytest.approx(100 * (1 / 2 + 2 / 3 + 1) / 3)
+    assert metrics.miou(conf, include_background=False) == pytest.approx(100 * (2 / 3 + 1) / 2)
+    with pytest.raises(ValueError, match="labels outside"):
+        metrics.confusion_matrix(np.array([3]), np.array([0]), 3)
+
+
+def test_miou_matches_sklearn_jaccard():
+    from sklearn.metrics import jaccard_score
+
+    g = np.random.default_rng(0)
+    gt, pred = g.integers(0, 5, 1000), g.integers(0, 5, 1000)
+    ref = jaccard_score(gt, pred, average="macro") * 100
+    assert metrics.miou(metrics.confusion_matrix(pred, gt, 5)) == pytest.approx(ref)
+
+
+def test_iou_disparity_sorted():
+    a = np.diag([10, 10, 10])
+    b = a.copy()
+    b[1, 2] = 10  # 10 extra cat pixels predicted as dog: cat IoU 10/20, dog IoU 10/20
+    df = metrics.iou_disparity(a, b, ["bg", "cat", "dog"])
+    assert df["class"].iloc[0] == "bg" and df["difference"].iloc[0] == 0
+    assert df.set_index("class")["difference"].loc[["cat", "dog"]].tolist() == [-50.0, -50.0]

@@ -1,0 +1,74 @@
+"""Entropy maps and regularisers (thesis Eq 36-44): uniform -> log n, one-hot -> 0, hand cases, gradients."""
+import math
+
+import pytest
+import torch
+
+from nbsupport import entropy as E
+
+
+def test_uniform_and_one_hot_group_entropy():
+    G, P = 8, 12
+    uniform = torch.full((G, P), 1 / G)
+    assert torch.allclose(E.group_entropy(uniform), torch.full((P,), math.log(G)))
+    one_hot = torch.nn.functional.one_hot(torch.arange(P) % G, G).T.float()
+    assert torch.allclose(E.group_entropy(one_hot), torch.zeros(P))
+    assert E.group_entropy_loss(torch.stack([uniform, one_hot])).item() == pytest.approx(math.log(G) / 2)
+
+
+def test_hand_computed_case():
+    attn = torch.tensor([[0.5, 0.9], [0.5, 0.1]])  # 2 groups x 2 patches
+    h = E.group_entropy(attn)
+    assert h[0].item() == pytest.approx(math.log(2))
+    assert h[1].item() == pytest.approx(-(0.9 * math.log(0.9) + 0.1 * math.log(0.1)))
+
+
+def test_label_entropy_through_groups():
+    # patch 0 sits fully in group 0, whose label logits are very peaked -> ~0; patch 1 in group 1 (flat) -> log K
+    attn = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    a_st = torch.tensor([[50.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    t = E.label_affinity(attn, a_st)
+    assert torch.allclose(t.sum(-1), torch.ones(2))
+    le = E.label_entropy(attn, a_st)
+    assert le[0].item() == pytest.approx(0.0, abs=1e-6) and le[1].item() == pytest.approx(math.log(3))
+    assert E.label_entropy_loss(attn, a_st).item() == pytest.approx(math.log(3) / 2, abs=1e-6)
+
+
+def test_pixel_label_entropy():
+    l_aff = torch.tensor([[[2.0, 2.0], [1.0, 0.0]]])
+    h = E.pixel_label_entropy(l_aff)
+    assert torch.allclose(h, torch.tensor([[math.log(2), 0.0]]))
+
+
+def test_segment_affinity_entropy_weights():
+    G, K = 4, 5
+    flat = torch.zeros(G, K)  # uniform both ways
+    assert E.segment_affinity_entropy(flat).item() == pytest.approx(0.2 * math.log(K) + 0.1 * math.log(G))
+    peaked = torch.eye(G, K) * 100
+    # rows are one-hot; column 4 (no group prefers it) is uniform over groups
+    expected = 0.1 * (math.log(G) / K)
+    assert E.segment_affinity_entropy(peaked).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_gradients_flow_and_reduce_entropy():
+    logits = torch.zeros(8, 16, requires_grad=True)
+    opt = torch.optim.SGD([logits], lr=5.0)
+    torch.manual_seed(0)
+    noise = torch.randn(8, 16)
+    start = None
+    for _ in range(100):
+        loss = E.group_entropy_loss(torch.softmax(logits + noise, dim=0))
+        start = start if start is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert logits.grad is not None and loss.item() < 0.5 * start
+
+
+def test_maps():
+    vals = torch.arange(6.0)
+    pm, px = E.to_maps(vals, (2, 3), (4, 6))
+    assert pm.tolist() == [[0, 1, 2], [3, 4, 5]] and px.shape == (4, 6)
+    assert px.min() >= 0 and px.max() <= 5
+    with pytest.raises(ValueError, match="grid"):
+        E.to_maps(vals, (2, 2))
