@@ -157,14 +157,13 @@ def test_coco_export_roundtrip(tmp_path):
     assert data["categories"] == [{"id": 1, "name": "fg", "supercategory": "fg"}]
 
 
-def test_crf_optional_dependency_message():
-    try:
-        import pydensecrf  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="pydensecrf2"):
-            mc.crf_refine(np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), bool))
-    else:
-        pytest.skip("pydensecrf2 installed: message path not reachable")
+def test_crf_optional_dependency_message(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)  # behave as if pydensecrf2 were not installed
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    with pytest.raises(ImportError, match="pip install pydensecrf2"):
+        mc.crf_refine(np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), bool))
 
 
 def test_crf_snaps_a_shifted_mask_to_the_object_edges():
