@@ -183,7 +183,10 @@ class CocoInstances:
                 raise ValueError(f"{self.ann_file} is not a COCO instances file: no {key!r} list")
         self.coco = COCO()
         self.coco.dataset = data
-        with warnings.catch_warnings():
+        import contextlib
+        import io
+
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             self.coco.createIndex()
         self.image_root = Path(image_root) if image_root else self.ann_file.parent / "images"
