@@ -75,13 +75,24 @@ def grid(n: int, ncols: int = 4, size: float = 3.0):
     return fig, axes[:n]
 
 
-def show_image(ax, img, title: str | None = None):
-    ax.imshow(to_rgb(img))
+def _bare(ax, title: str | None = None, im=None, colorbar: bool = False):
+    """No ticks or grid; optional title and colour bar for ``im``."""
     ax.set_xticks([])
     ax.set_yticks([])
     ax.grid(False)
+    if colorbar and im is not None:
+        ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     if title:
         ax.set_title(title)
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
+def show_image(ax, img, title: str | None = None):
+    ax.imshow(to_rgb(img))
+    _bare(ax, title)
     return ax
 
 
@@ -103,7 +114,7 @@ def overlay_mask(ax, img, mask, color=None, alpha: float = 0.5, title: str | Non
 def heatmap(ax, values, img=None, cmap: str = "viridis", vmin=None, vmax=None, colorbar: bool = True,
             alpha: float = 0.6, title: str | None = None):
     """A patch map ``[h, w]``; over ``img`` (stretched to the image extent) when given."""
-    v = values.detach().cpu().numpy() if torch.is_tensor(values) else np.asarray(values)
+    v = _numpy(values)
     if img is not None:
         rgb = to_rgb(img)
         H, W = rgb.shape[:2]
@@ -111,13 +122,7 @@ def heatmap(ax, values, img=None, cmap: str = "viridis", vmin=None, vmax=None, c
         im = ax.imshow(v, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha, extent=(0, W, H, 0), interpolation="nearest")
     else:
         im = ax.imshow(v, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.grid(False)
-    if colorbar:
-        ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    if title:
-        ax.set_title(title)
+    _bare(ax, title, im, colorbar)
     return im
 
 
@@ -139,15 +144,8 @@ def hist_pair(ax, a, b, labels=("same", "different"), bins: int = 50, density: b
 def affinity_matrix(ax, A, vmin: float = -1, vmax: float = 1, cmap: str = "RdBu_r", title: str | None = None,
                     colorbar: bool = True):
     """A patch-by-patch affinity matrix (thesis Fig 26: blue dissimilar, red similar)."""
-    A = A.detach().cpu().numpy() if torch.is_tensor(A) else np.asarray(A)
-    im = ax.imshow(A, vmin=vmin, vmax=vmax, cmap=cmap, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.grid(False)
-    if colorbar:
-        ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    if title:
-        ax.set_title(title)
+    im = ax.imshow(_numpy(A), vmin=vmin, vmax=vmax, cmap=cmap, interpolation="nearest")
+    _bare(ax, title, im, colorbar)
     return im
 
 
