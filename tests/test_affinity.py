@@ -1,4 +1,6 @@
-"""Affinity math: parity with scipy/sklearn/numpy and planted answers."""
+"""Affinity math: parity with scipy / sklearn / numpy, hand-computed cases and planted structure."""
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,8 @@ def ab():
     return g.normal(size=(37, 16)), g.normal(size=(23, 16))
 
 
+# ---------------------------------------------------------------- measures
+
 @pytest.mark.parametrize("measure,metric", [("cosine", "cosine"), ("euclidean", "euclidean"),
                                             ("manhattan", "cityblock"), ("chebyshev", "chebyshev")])
 def test_pairwise_matches_scipy(ab, measure, metric):
@@ -24,19 +28,102 @@ def test_pairwise_matches_scipy(ab, measure, metric):
     if measure == "cosine":
         ref = 1 - ref
     np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-10)
+    # float32 default, from torch input, still close
+    got32 = affinity.pairwise(torch.from_numpy(a).float(), torch.from_numpy(b).float(), measure)
+    assert got32.dtype == torch.float32
+    np.testing.assert_allclose(got32.numpy(), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_pearson_dot_and_paired(ab):
     a, b = ab
     got = affinity.pairwise(a, b, "pearson", dtype=torch.float64).numpy()
-    ref = np.corrcoef(a, b)[: len(a), len(a):]
-    np.testing.assert_allclose(got, ref, atol=1e-10)
+    np.testing.assert_allclose(got, np.corrcoef(a, b)[: len(a), len(a):], atol=1e-10)
     np.testing.assert_allclose(affinity.pairwise(a, b, "dot", dtype=torch.float64).numpy(), a @ b.T, atol=1e-10)
     for m in affinity.MEASURES:
         full = affinity.pairwise(a[:20], b[:20], m, dtype=torch.float64).numpy()
-        np.testing.assert_allclose(affinity.paired(a[:20], b[:20], m), np.diag(full), atol=1e-9)
-    with pytest.raises(ValueError, match="unknown measure"):
+        p = affinity.paired(a[:20], b[:20], m, chunk=3)
+        assert isinstance(p, np.ndarray) and p.shape == (20,)
+        np.testing.assert_allclose(p, np.diag(full), atol=1e-9)
+    assert set(affinity.MEASURES) >= {"cosine", "dot", "euclidean", "manhattan", "pearson", "chebyshev"}
+    assert [m for m, v in affinity.MEASURES.items() if not v.higher_is_similar] == ["euclidean", "manhattan", "chebyshev"]
+
+
+def test_pairwise_chunked_equals_unchunked_and_errors(ab):
+    a, b = ab
+    for m in affinity.MEASURES:
+        full = affinity.pairwise(a, b, m, chunk=10_000)
+        assert full.shape == (37, 23)
+        # same numbers up to float32 rounding of the BLAS blocking
+        torch.testing.assert_close(affinity.pairwise(a, b, m, chunk=4), full, rtol=1e-6, atol=1e-5)
+    self_aff = affinity.pairwise(a, None, "euclidean", dtype=torch.float64).numpy()
+    np.testing.assert_allclose(self_aff, cdist(a, a), atol=1e-6)   # fast |a|^2+|b|^2-2ab path
+    # features with a large shared offset (as ViT keys have): float32 distances stay accurate
+    off = torch.from_numpy(a).float() + 100.0
+    np.testing.assert_allclose(affinity.pairwise(off, None, "euclidean").numpy(), cdist(a, a), atol=1e-2)  # uncentred: 0.1+
+    with pytest.raises(ValueError, match=r"unknown measure 'hamming'.*cosine"):
         affinity.pairwise(a, b, "hamming")
+    with pytest.raises(ValueError, match="same D"):
+        affinity.pairwise(a, b[:, :3])
+    with pytest.raises(ValueError, match="unknown measure"):
+        affinity.paired(a, a, "jaccard")
+
+
+def test_image_descriptor():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 3, 4, 5, generator=g)
+    torch.testing.assert_close(affinity.image_descriptor(f[0]), f[0].reshape(12, 5).mean(0))
+    torch.testing.assert_close(affinity.image_descriptor(f, "max"), f.reshape(2, 12, 5).amax(1))
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    mask[1, 1:3] = True
+    torch.testing.assert_close(affinity.image_descriptor(f[1], mask=mask), (f[1, 1, 1] + f[1, 1, 2]) / 2)
+    bmask = torch.stack([mask, ~mask])
+    got = affinity.image_descriptor(f, mask=bmask)
+    torch.testing.assert_close(got[1], f[1][~mask].mean(0))
+    cls = torch.randn(2, 5, generator=g)
+    assert torch.equal(affinity.image_descriptor(f, "cls", cls=cls), cls)
+    with pytest.raises(ValueError, match="CLS"):
+        affinity.image_descriptor(f, "cls")
+    with pytest.raises(ValueError, match="how"):
+        affinity.image_descriptor(f, "median")
+    with pytest.raises(ValueError, match="no patch"):
+        affinity.image_descriptor(f[0], mask=torch.zeros(3, 4, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- pairs, AUC, overlap
+
+def test_pair_sampling_is_exact_uniform_and_seeded():
+    n = 37
+    k = np.arange(n * (n - 1) // 2)
+    i, j = affinity._triu_from_linear(k, n)
+    ti, tj = np.triu_indices(n, 1)
+    assert np.array_equal(i, ti) and np.array_equal(j, tj)
+    # 20000 items -> 2e8 pairs: sampled without building the list, unique, i < j, seeded
+    i, j = affinity._sample_pairs(20000, 5000, rng=3)
+    assert len(i) == 5000 and (i < j).all() and j.max() < 20000
+    assert len(set(zip(i.tolist(), j.tolist()))) == 5000
+    i2, j2 = affinity._sample_pairs(20000, 5000, rng=3)
+    assert np.array_equal(i, i2) and np.array_equal(j, j2)
+    assert not np.array_equal(i, affinity._sample_pairs(20000, 5000, rng=4)[0])
+
+
+def test_same_vs_different_counts_and_sampling():
+    g = np.random.default_rng(5)
+    desc, labels = g.normal(size=(300, 8)), g.integers(0, 3, 300)
+    same, diff = affinity.same_vs_different(desc, labels, "euclidean", max_pairs=10**6)
+    n_same = sum(c * (c - 1) // 2 for c in Counter(labels.tolist()).values())
+    assert len(same) == n_same and len(diff) == 300 * 299 // 2 - n_same
+    # brute-force one same pair and one different pair
+    s0, d0 = [], []
+    for a in range(300):
+        for b in range(a + 1, 300):
+            (s0 if labels[a] == labels[b] else d0).append(np.linalg.norm(desc[a] - desc[b]))
+    np.testing.assert_allclose(same, s0, atol=1e-10)
+    np.testing.assert_allclose(diff, d0, atol=1e-10)
+    ss, dd = affinity.same_vs_different(desc, labels, "euclidean", max_pairs=1000, rng=1)
+    assert len(ss) + len(dd) == 1000 and 200 < len(ss) < 470   # ~1/3 same-label pairs
+    assert set(ss.tolist()) <= set(same.tolist())
+    ss2, _ = affinity.same_vs_different(desc, labels, "euclidean", max_pairs=1000, rng=1)
+    assert np.array_equal(ss, ss2)
 
 
 def test_roc_auc_equals_sklearn_with_ties():
@@ -46,6 +133,8 @@ def test_roc_auc_equals_sklearn_with_ties():
     ref = roc_auc_score(np.r_[np.ones(300), np.zeros(400)], np.r_[same, diff])
     assert affinity.roc_auc(same, diff) == pytest.approx(ref, abs=1e-12)
     assert affinity.roc_auc(-same, -diff, higher_is_similar=False) == pytest.approx(ref, abs=1e-12)
+    assert affinity.roc_auc([1, 2], [0, 0]) == 1.0 and affinity.roc_auc([1], [1]) == 0.5
+    assert np.isnan(affinity.roc_auc([], [1.0]))
 
 
 def test_overlap_known_values():
@@ -54,9 +143,21 @@ def test_overlap_known_values():
     assert affinity.distribution_overlap(x, x) == pytest.approx(1.0)
     assert affinity.distribution_overlap(np.zeros(10), np.ones(10)) == 0.0
     d = 1.0
-    y = g.normal(d, 1, size=200000)
-    x = g.normal(0, 1, size=200000)
+    x, y = g.normal(0, 1, size=200000), g.normal(d, 1, size=200000)
     assert affinity.distribution_overlap(x, y, bins=200) == pytest.approx(2 * norm.cdf(-d / 2), abs=0.02)
+    # hand case: half of a's mass shares a bin with b
+    assert affinity.distribution_overlap([0.1, 0.9], [0.8, 0.85], bins=2, range=(0, 1)) == pytest.approx(0.5)
+
+
+def test_separability_hand_values():
+    s = affinity.separability([1.0, 3.0], [0.0, 0.0, 2.0, 2.0])
+    assert s["mean_same"] == 2.0 and s["mean_diff"] == 1.0 and s["d_prime"] == pytest.approx(1.0)
+    assert s["auc"] == pytest.approx(6 / 8)     # 1 beats 0, 0; loses to 2, 2; 3 beats all four
+    assert s["n_same"] == 2 and s["n_diff"] == 4
+    # a tie counts 1/2: 1 vs [0, 1, 2, 2] -> 1.5, 3 -> 4
+    assert affinity.separability([1.0, 3.0], [0.0, 1.0, 2.0, 2.0])["auc"] == pytest.approx(5.5 / 8)
+    # distances: smaller is more similar
+    assert affinity.separability([0.1, 0.2], [0.5, 0.9], higher_is_similar=False)["auc"] == 1.0
 
 
 def planted(n_per=30, d=32, noise=0.1, seed=0):
@@ -74,10 +175,14 @@ def test_planted_classes_are_separable_and_table():
     assert s["auc"] > 0.99 and s["overlap"] < 0.01 and s["mean_same"] > 0.95 and abs(s["mean_diff"]) < 0.1
     rnd = np.random.default_rng(3).normal(size=desc.shape)
     table = affinity.separability_table({("key", 9): desc, ("key", 0): rnd}, labels, ("cosine", "euclidean"))
+    assert list(table.columns[:7]) == ["facet", "layer", "measure", "auc", "overlap", "mean_same", "mean_diff"]
+    assert len(table) == 4
     good = table[table.layer == 9].set_index("measure").auc
     bad = table[table.layer == 0].set_index("measure").auc
     assert (good > 0.99).all() and (abs(bad - 0.5) < 0.1).all()
 
+
+# ---------------------------------------------------------------- ground truth on the grid
 
 def test_labels_on_grid_hand_case():
     sem = np.array([[1, 1, 2, 2],
@@ -86,7 +191,125 @@ def test_labels_on_grid_hand_case():
                     [0, 3, 255, 3]])
     assert affinity.labels_on_grid(sem, (2, 2)).tolist() == [[1, 2], [0, -1]]
     assert affinity.labels_on_grid(sem, (2, 2), min_fraction=0.8).tolist() == [[-1, 2], [-1, -1]]
+    assert affinity.labels_on_grid(sem, (2, 2), ignore=None).tolist() == [[1, 2], [0, 255]]
+    with pytest.raises(ValueError, match="grid_hw"):
+        affinity.labels_on_grid(sem, (5, 2))
 
+
+def test_labels_on_grid_matches_loop_on_uneven_grid():
+    g = np.random.default_rng(4)
+    sem = g.integers(0, 3, size=(13, 11))
+    sem[:7, :5] = 2      # a big block so that some cells have a clear majority
+    h, w = 4, 3
+    got = affinity.labels_on_grid(sem, (h, w), min_fraction=0.5)
+    for cy in range(h):
+        for cx in range(w):
+            ys = [y for y in range(13) if y * h // 13 == cy]
+            xs = [x for x in range(11) if x * w // 11 == cx]
+            cnt = Counter(sem[np.ix_(ys, xs)].ravel().tolist())
+            top = max(cnt.values())
+            lab = min(k for k, v in cnt.items() if v == top)
+            assert got[cy, cx] == (lab if top / (len(ys) * len(xs)) >= 0.5 else -1)
+    assert (got != -1).sum() >= 2
+
+
+def test_instance_and_masks_on_grid():
+    masks = np.zeros((2, 4, 4), bool)
+    masks[0, :2, :2] = True          # cell (0, 0) entirely
+    masks[1, 1:4, 1:4] = True        # overlaps mask 0 at pixel (1, 1)
+    inst = affinity.instance_on_grid(masks, (2, 2))
+    # id map: mask 1 (id 2) wins the overlap -> cell (0,0) has ids [1,1,1,2] -> 1
+    assert inst.tolist() == [[1, 0], [0, 2]]
+    on_grid = affinity.masks_on_grid(masks, (2, 2))
+    assert on_grid[0].tolist() == [[True, False], [False, False]]
+    # mask 1 covers cells (0,1): 2/4, (1,0): 2/4, (1,1): 4/4, (0,0): 1/4
+    assert on_grid[1].tolist() == [[False, True], [True, True]]
+    assert affinity.masks_on_grid(masks, (2, 2), min_fraction=0.75)[1].tolist() == [[False, False], [False, True]]
+
+
+# ---------------------------------------------------------------- intra / inter patch pairs (MMC b)
+
+def image_class_features():
+    """Patch feature = e_class + e_(4 + image): cos is 1 (same class, same image), 0.5 (same class,
+    other image or other class, same image) and 0 (other class, other image)."""
+    B, h, w = 3, 4, 5
+    labels = np.zeros((B, h, w), int)
+    labels[:, :2, :3] = 1
+    labels[:, 2:, 1:4] = 2
+    labels[1, 0, 0] = -1
+    f = torch.zeros(B, h, w, 8)
+    for b in range(B):
+        f[b] += torch.eye(8)[4 + b]
+        for c in range(3):
+            f[b][torch.from_numpy(labels[b] == c)] += torch.eye(8)[c]
+    return f, labels
+
+
+@pytest.mark.parametrize("limit", [1_000_000, 0])   # exact enumeration, then sampling
+def test_patch_pairs_planted_image_and_class(limit):
+    f, labels = image_class_features()
+    kw = dict(max_pairs=300, rng=0, enumerate_limit=limit)
+    intra, inter = affinity.patch_pairs(f, labels, **kw)
+    assert np.isin(np.round(intra, 6), [1.0, 0.5]).all() and np.isin(np.round(inter, 6), [0.5, 0.0]).all()
+    iw, ew = affinity.patch_pairs(f, labels, within_image=True, **kw)
+    ia, ea = affinity.patch_pairs(f, labels, within_image=False, **kw)
+    np.testing.assert_allclose(iw, 1.0, atol=1e-6)
+    np.testing.assert_allclose(ew, 0.5, atol=1e-6)
+    np.testing.assert_allclose(ia, 0.5, atol=1e-6)
+    np.testing.assert_allclose(ea, 0.0, atol=1e-6)
+    assert min(map(len, (intra, inter, iw, ew, ia, ea))) > 50 and len(intra) <= 300
+    # background included: class 0 patches now count as a category
+    ib, _ = affinity.patch_pairs(f, labels, exclude_background=False, **kw)
+    assert len(ib) >= len(intra)
+
+
+def test_patch_pairs_exact_counts_against_brute_force():
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(2, 3, 3, 6, generator=g)
+    labels = np.array([[[1, 1, 2], [0, 2, 2], [1, -1, 0]],
+                       [[2, 2, 2], [1, 0, 0], [0, 1, 1]]])
+    ff, ll = f.reshape(-1, 6).double(), labels.ravel()
+    img = np.repeat([0, 1], 9)
+    for within in (None, True, False):
+        ref = {True: [], False: []}
+        for a in range(18):
+            for b in range(a + 1, 18):
+                if ll[a] <= 0 or ll[b] <= 0 or (within is not None and (img[a] == img[b]) != within):
+                    continue
+                ref[bool(ll[a] == ll[b])].append(float(torch.nn.functional.cosine_similarity(ff[a], ff[b], dim=0)))
+        intra, inter = affinity.patch_pairs(f, labels, max_pairs=1000, within_image=within)
+        np.testing.assert_allclose(intra, ref[True], atol=1e-6)
+        np.testing.assert_allclose(inter, ref[False], atol=1e-6)
+    # list input with different grid sizes per image
+    intra, inter = affinity.patch_pairs([f[0], f[1, :2]], [labels[0], labels[1, :2]], max_pairs=1000)
+    assert len(intra) + len(inter) == (6 + 4) * (6 + 4 - 1) // 2
+    with pytest.raises(ValueError, match="labels"):
+        affinity.patch_pairs(f, labels[:, :2])
+
+
+def test_group_pairs_are_uniform():
+    groups = np.array([0, 0, 0, 1, 1, 2])
+    i, j = affinity._group_pairs(groups, 40000, np.random.default_rng(0))
+    freq = Counter(zip(i.tolist(), j.tolist()))
+    assert set(freq) == {(0, 1), (0, 2), (1, 2), (3, 4)}
+    assert all(abs(v / 40000 - 0.25) < 0.01 for v in freq.values())
+
+
+def test_intra_inter_on_planted_patches():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 6, 6, 8, generator=g) * 0.01
+    labels = np.zeros((2, 6, 6), int)
+    labels[:, :3] = 1
+    labels[:, 3:5] = 2
+    for c in range(3):
+        f[torch.from_numpy(labels == c)] += torch.eye(8)[c]
+    intra, inter = affinity.patch_pairs(f, labels, max_pairs=500, rng=0)
+    assert intra.mean() > 0.99 and abs(inter.mean()) < 0.05 and len(intra) == len(inter) == 500
+    s = affinity.separability(intra, inter)
+    assert s["auc"] == 1.0 and s["overlap"] == 0.0
+
+
+# ---------------------------------------------------------------- affinity, prompt-patch segmentation (MMC a)
 
 def grid_with_square():
     f = torch.zeros(8, 8, 4)
@@ -101,47 +324,67 @@ def test_prompt_patch_segment_recovers_planted_region():
     f, m = grid_with_square()
     yx = affinity.sample_prompt_points(m)
     assert m[yx]
-    for t in (0.1, 0.3, 0.5, 0.9):
+    for t in (0.1, 0.3, 0.5, 0.7, 0.9):
         np.testing.assert_array_equal(affinity.prompt_patch_segment(f, yx, t).numpy(), m)
     df = affinity.threshold_sweep_miou([f], [m[None]], ts=(0.1, 0.5))
     assert affinity.sweep_summary(df) == {0.1: 1.0, 0.5: 1.0, "opt": 1.0}
+
+
+def test_threshold_sweep_hand_computed():
+    """Object A (6 patches, feature e1) and object B (6 patches, cos 0.25 to e1), background e3: a
+    prompt in either object also grabs the other for t < 0.25 -> IoU 6/12; for t > 0.25 IoU 1."""
+    f = torch.zeros(6, 6, 3)
+    f[..., 2] = 1
+    f[0:2, 0:3] = torch.tensor([1.0, 0, 0])
+    f[3:5, 3:6] = torch.tensor([0.25, np.sqrt(1 - 0.0625), 0])
+    masks = np.zeros((2, 6, 6), bool)
+    masks[0, 0:2, 0:3] = True
+    masks[1, 3:5, 3:6] = True
+    df = affinity.threshold_sweep_miou(torch.stack([f, f]), [masks, masks[1]], ts=(0.1, 0.2, 0.3, 0.4))
+    assert len(df) == 3 and df.attrs["thresholds"] == [0.1, 0.2, 0.3, 0.4]
+    assert (df.y[0], df.x[0]) == (0, 0)   # every patch of a 2-row object is 1 from the border: lowest index
+    summ = affinity.sweep_summary(df)
+    assert summ == pytest.approx({0.1: 0.5, 0.2: 0.5, 0.3: 1.0, 0.4: 1.0, "opt": 1.0})
+    rnd = affinity.threshold_sweep_miou([f], [masks], ts=(0.1, 0.3), mode="random", rng=2)
+    assert all(masks[k][y, x] for k, y, x in zip(rnd.object, rnd.y, rnd.x))
+    with pytest.raises(ValueError, match="feature grid"):
+        affinity.threshold_sweep_miou([f], [masks[:, :3]])
 
 
 def test_prompt_point_is_the_centre():
     m = np.zeros((9, 9), bool)
     m[2:7, 3:8] = True
     assert affinity.sample_prompt_points(m) == (4, 5)
-    assert m[affinity.sample_prompt_points(m, "random", rng=1)]
+    m2 = np.zeros((6, 6), bool)
+    m2[0:5, 0:5] = True            # touches the border: the grid edge counts as outside
+    assert affinity.sample_prompt_points(m2) == (2, 2)
+    pts = {affinity.sample_prompt_points(m, "random", rng=r) for r in range(20)}
+    assert all(m[p] for p in pts) and len(pts) > 5
     with pytest.raises(ValueError, match="empty"):
         affinity.sample_prompt_points(np.zeros((3, 3), bool))
-
-
-def test_intra_inter_on_planted_patches():
-    g = torch.Generator().manual_seed(0)
-    f = torch.randn(2, 6, 6, 8, generator=g) * 0.01
-    labels = np.zeros((2, 6, 6), int)
-    labels[:, :3] = 1
-    labels[:, 3:5] = 2
-    f[torch.from_numpy(labels == 1)] += torch.eye(8)[0]
-    f[torch.from_numpy(labels == 2)] += torch.eye(8)[1]
-    f[torch.from_numpy(labels == 0)] += torch.eye(8)[2]
-    intra, inter = affinity.patch_pairs(f, labels, max_pairs=500, rng=0)
-    assert intra.mean() > 0.99 and abs(inter.mean()) < 0.05 and len(intra) > 100 and len(inter) > 100
-    intra_w, _ = affinity.patch_pairs(f, labels, max_pairs=500, within_image=True)
-    assert len(intra_w) > 0
+    with pytest.raises(ValueError, match="mode"):
+        affinity.sample_prompt_points(m, "corner")
 
 
 def test_similarity_map_and_affinity():
     f, m = grid_with_square()
     s = affinity.similarity_map(f, (3, 4))
     assert s.shape == (8, 8) and torch.allclose(s[torch.from_numpy(m)], torch.ones(int(m.sum())))
-    v = affinity.similarity_map(f, torch.tensor([0.0, 1, 0, 0]))
+    assert torch.allclose(s[torch.from_numpy(~m)], torch.zeros(int((~m).sum())))
+    v = affinity.similarity_map(f, torch.tensor([0.0, 2.0, 0, 0]))
     assert torch.allclose(v[0, 0], torch.tensor(1.0))
     A = affinity.patch_affinity(f)
     assert A.shape == (64, 64) and torch.allclose(A, A.T) and torch.allclose(A.diagonal(), torch.ones(64))
+    assert A[2 * 8 + 3, 4 * 8 + 6] == 1.0 and A[0, 2 * 8 + 3] == 0.0   # row-major patch order
+    D = affinity.patch_affinity(f, "euclidean", dtype=torch.float64)
+    np.testing.assert_allclose(D.numpy(), cdist(f.reshape(64, 4), f.reshape(64, 4)), atol=1e-12)
     with pytest.raises(ValueError, match="query"):
         affinity.similarity_map(f, torch.ones(3))
+    with pytest.raises(ValueError, match="outside"):
+        affinity.similarity_map(f, (8, 0))
 
+
+# ---------------------------------------------------------------- LarvSeg prototypes, mIoU
 
 def test_prototype_segmentation_and_miou():
     f, m = grid_with_square()
@@ -151,3 +394,20 @@ def test_prototype_segmentation_and_miou():
     assert affinity.miou(pred, labels) == 1.0
     # class 0: predicted on 3 valid pixels, true on 1 -> IoU 1/3; class 1: never predicted -> 0
     assert affinity.miou(np.zeros((2, 2)), np.array([[0, 1], [-1, 1]])) == pytest.approx(1 / 6)
+
+
+def test_prototype_segmentation_noisy_planted():
+    """Three classes as three directions plus noise: one random prototype per class recovers them."""
+    g = torch.Generator().manual_seed(0)
+    labels = np.zeros((10, 10), int)
+    labels[:, 4:] = 1
+    labels[6:, 6:] = 2
+    labels[0, 0] = -1
+    f = torch.randn(10, 10, 16, generator=g) * 0.1
+    for c in range(3):
+        f[torch.from_numpy(labels == c)] += torch.eye(16)[c]
+    scores = [affinity.miou(affinity.prototype_response_segmentation(f, labels, rng=r), labels) for r in range(5)]
+    assert min(scores) > 0.95
+    shuffled = f.reshape(100, 16)[torch.randperm(100, generator=g)].reshape(10, 10, 16)
+    assert np.mean([affinity.miou(affinity.prototype_response_segmentation(shuffled, labels, rng=r), labels)
+                    for r in range(5)]) < 0.6
