@@ -80,3 +80,21 @@ def to_maps(values: torch.Tensor, grid: tuple[int, int], out_hw: tuple[int, int]
 def max_entropy(n: int) -> float:
     """``log n``: the entropy of a uniform distribution over ``n`` outcomes (the top of a colour scale)."""
     return math.log(n)
+
+
+def segment_affinity_terms(a_st: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two entropy vectors behind SE: per group over labels (Eq 42) ``[..., G]`` and per label over
+    groups (Eq 43) ``[..., K]``."""
+    return entropy(F.softmax(a_st, dim=-1), dim=-1), entropy(F.softmax(a_st, dim=-2), dim=-2)
+
+
+def entropy_maps(attn: torch.Tensor, grid: tuple[int, int], out_hw: tuple[int, int] | None = None,
+                 a_st: torch.Tensor | None = None) -> dict:
+    """Thesis Fig 13 maps for one image or a batch: ``attn [..., G, N]`` (Eq 32) and optional segment affinity
+    ``a_st [..., G, K]`` (Eq 28, logits) -> ``{"group": (patch [..., h, w], pixel [..., H, W] or None),
+    "label": (...)}`` (``label`` only with ``a_st``). Values in nats (0 .. log G, 0 .. log K). The thesis
+    averages the per-group terms over groups after interpolation: that map is this one divided by G."""
+    out = {"group": to_maps(group_entropy(attn), grid, out_hw)}
+    if a_st is not None:
+        out["label"] = to_maps(label_entropy(attn, a_st), grid, out_hw)
+    return out

@@ -72,3 +72,18 @@ def test_maps():
     assert px.min() >= 0 and px.max() <= 5
     with pytest.raises(ValueError, match="grid"):
         E.to_maps(vals, (2, 2))
+
+
+def test_entropy_maps_and_se_terms():
+    # 2 groups over a 2x2 grid: left column certain, right column uniform
+    attn = torch.tensor([[1.0, 0.5, 1.0, 0.5], [0.0, 0.5, 0.0, 0.5]])
+    a_st = torch.tensor([[30.0, 0.0], [0.0, 30.0]])
+    maps = E.entropy_maps(attn, (2, 2), (4, 4), a_st)
+    g_patch, g_px = maps["group"]
+    assert torch.allclose(g_patch, torch.tensor([[0.0, math.log(2)], [0.0, math.log(2)]]), atol=1e-6)
+    assert g_px.shape == (4, 4) and g_px[:, 0].abs().max() < 1e-6 and torch.allclose(g_px[:, 3], torch.full((4,), math.log(2)))
+    l_patch, _ = maps["label"]   # right column mixes two confident groups -> ~log 2 over labels too
+    assert l_patch[0, 0].item() == pytest.approx(0.0, abs=1e-6) and l_patch[0, 1].item() == pytest.approx(math.log(2), abs=1e-6)
+    h_g, h_l = E.segment_affinity_terms(torch.tensor([[0.0, 0.0, 0.0], [50.0, 0.0, 0.0]]))
+    assert h_g.tolist() == pytest.approx([math.log(3), 0.0], abs=1e-6)
+    assert h_l.tolist() == pytest.approx([0.0, math.log(2), math.log(2)], abs=1e-6)
