@@ -1,14 +1,27 @@
 """A compact DINO self-distillation trainer (thesis section 3.2, Eq 10-11) for timm ViTs of any size.
 
-A student and a momentum teacher see different crops of the same image: 2 global crops go through the
-teacher, all crops (global + local) through the student. Each network ends in a projection head with a
-weight-normalised last layer producing ``K`` prototype scores. The loss is the cross-entropy between the
-teacher's *centred and sharpened* distribution (temperature ``tau_t``, centre ``c`` an EMA of teacher
-outputs) and the student's distribution (``tau_s``) over every pair of different views (Eq 11). The
-teacher is an exponential moving average of the student (momentum cosine-scheduled to 1).
+A student and a momentum teacher see different crops of the same image: the 2 global crops go through
+the teacher, all crops (global + local) through the student. Each network ends in a projection head
+with a weight-normalised last layer producing ``K`` prototype scores. The image-level loss is the
+cross-entropy between the teacher's *centred and sharpened* distribution (temperature ``tau_t``, centre
+``c`` an EMA of teacher outputs) and the student's distribution (``tau_s``) over every pair of different
+views (Eq 11). The teacher is an exponential moving average of the student (Eq 10), momentum
+cosine-scheduled to 1.
 
-Runs on CPU (tests, the tiny offline model), one GPU (AMP) or several with ``torchrun`` (DDP; the centre
-is averaged across processes). Data: the synthetic scene world rendered on the fly, or an image folder.
+Plain CLS-token DINO learns *dense* (patch) features slowly at small budgets, so an optional patch-level
+term (``dense_weight > 0``) applies the same centred/sharpened cross-entropy to patch tokens: each student
+patch predicts the teacher's patch distribution at the *same image location* in the other global crop
+(crop geometry is tracked, the teacher grid is bilinearly sampled there), and, when ``mask_ratio > 0``,
+iBOT-style masked patches of a global crop predict the teacher's unmasked view of that crop.
+The patch term has its own centre. With ``dense_weight=0`` it is plain DINO.
+
+Runs on CPU (tests, the tiny offline model), one GPU (bf16 autocast) or several with ``torchrun`` (DDP;
+centres averaged across processes). Data: the synthetic scene world rendered on the fly (seeded, endless)
+or an image folder (``--data PATH``). Checkpoints are written atomically; a run resumes by default with
+the same data order and schedules.
+
+    python -m nbsupport dino train --out runs/dino --steps 6000 --max-minutes 50
+    python -m nbsupport dino export runs/dino/checkpoint.pth --out data/weights/tiny_dino_synth.safetensors
 """
 from __future__ import annotations
 
@@ -33,11 +46,14 @@ from . import backbones
 
 
 class DINOHead(nn.Module):
-    """MLP -> L2 normalisation -> weight-normalised linear layer to ``out_dim`` prototypes."""
+    """MLP -> L2 normalisation -> weight-normalised linear layer to ``out_dim`` prototypes.
+    ``[..., in_dim] -> [..., out_dim]``; the last layer's norm is fixed to 1 when ``norm_last_layer``."""
 
     def __init__(self, in_dim: int, out_dim: int = 1024, hidden: int = 512, bottleneck: int = 128,
                  nlayers: int = 3, norm_last_layer: bool = True):
         super().__init__()
+        if nlayers < 1:
+            raise ValueError(f"nlayers must be >= 1, got {nlayers}")
         dims = [in_dim] + [hidden] * (nlayers - 1) + [bottleneck]
         layers = []
         for i in range(len(dims) - 1):
@@ -45,6 +61,10 @@ class DINOHead(nn.Module):
             if i < len(dims) - 2:
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
         self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
         self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
         if norm_last_layer:
@@ -55,35 +75,121 @@ class DINOHead(nn.Module):
 
 
 class Network(nn.Module):
-    """Backbone (CLS token after the final norm) + head; crops of different sizes run as separate groups."""
+    """Backbone + head. ``forward(crops, masks, dense)`` -> ``(cls [V*B, K], patches)``: ``patches`` is a
+    list of ``[B, h, w, K]`` per crop, or ``None`` when ``dense=False``. Crops of one resolution run as one
+    batch. ``masks``: per crop a bool ``[B, h, w]`` or ``None``: masked patch embeddings are replaced by a
+    learned mask token before the position embedding (iBOT)."""
 
-    def __init__(self, backbone: nn.Module, head: DINOHead):
+    def __init__(self, backbone: nn.Module, head: DINOHead, mask_token: bool = False):
         super().__init__()
         self.backbone, self.head = backbone, head
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, backbone.embed_dim)) if mask_token else None
 
-    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
-        outs, i = [], 0
+    def tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm tokens ``[B, 1 + h*w, D]`` of images ``[B, 3, H, W]`` (timm's forward_features, with
+        the mask token inserted after the patch embedding)."""
+        bb = self.backbone
+        x = bb.patch_embed(x)  # [B, h, w, D] (dynamic_img_size)
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError("masks given but the network has no mask token (built with mask_ratio=0)")
+            x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
+        x = bb.norm_pre(bb.patch_drop(bb._pos_embed(x)))
+        return bb.norm(bb.blocks(x))
+
+    def forward(self, crops: list[torch.Tensor], masks: list | None = None, dense: bool = False):
+        masks = masks or [None] * len(crops)
+        p = self.backbone.patch_embed.patch_size[0]
+        cls, patches, i = [], [], 0
         while i < len(crops):  # group consecutive crops of the same resolution into one forward
             j = i
-            while j < len(crops) and crops[j].shape[-1] == crops[i].shape[-1]:
+            while j < len(crops) and crops[j].shape[-2:] == crops[i].shape[-2:]:
                 j += 1
-            outs.append(self.backbone(torch.cat(crops[i:j])))
+            h, w = crops[i].shape[-2] // p, crops[i].shape[-1] // p
+            m = None
+            if any(g is not None for g in masks[i:j]):
+                m = torch.cat([g if g is not None else torch.zeros(c.shape[0], h, w, dtype=torch.bool, device=c.device)
+                               for g, c in zip(masks[i:j], crops[i:j])])
+            tok = self.tokens(torch.cat(crops[i:j]), m)
+            cls.append(tok[:, 0])
+            if dense:
+                patches.extend(tok[:, 1:].reshape(-1, h, w, tok.shape[-1]).chunk(j - i))
             i = j
-        return self.head(torch.cat(outs))
+        cls = torch.cat(cls)
+        if not dense:
+            return self.head(cls), None
+        out = self.head(torch.cat([cls] + [q.reshape(-1, q.shape[-1]) for q in patches]))  # one head call
+        cls_out, k, patch_out = out[:len(cls)], len(cls), []
+        for q in patches:
+            n = q.shape[0] * q.shape[1] * q.shape[2]
+            patch_out.append(out[k:k + n].reshape(*q.shape[:3], -1))
+            k += n
+        return cls_out, patch_out
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses
+
+
+def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(x)
+        x /= torch.distributed.get_world_size()
+    return x
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: torch.Tensor, temp: float, iters: int = 3) -> torch.Tensor:
+    """Balanced teacher targets ``[N, K]`` (SwAV / DINOv2 "Sinkhorn-Knopp centering"): rows of
+    ``exp(logits / temp)`` are rescaled alternately so that every prototype receives ``1/K`` of the batch's
+    mass and every sample ``1/N``; each returned row sums to 1. An alternative to centre + sharpen that
+    cannot collapse to one prototype nor to the uniform distribution. DDP: sums over all processes."""
+    q = (logits.float() / temp)
+    q = torch.exp(q - q.max()).t()  # [K, N]
+    n = torch.tensor(float(q.shape[1]), device=q.device)
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if dist:
+        torch.distributed.all_reduce(n)
+    k = q.shape[0]
+
+    def total(x):
+        if dist:
+            torch.distributed.all_reduce(x)
+        return x
+
+    q /= total(q.sum())
+    for _ in range(iters):
+        q /= total(q.sum(dim=1, keepdim=True))
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= n
+    return (q * n).t()
 
 
 class DINOLoss(nn.Module):
     """Eq 11: cross-entropy between centred, sharpened teacher outputs and student outputs over all pairs
-    of different views. ``center`` is an EMA (``center_momentum``) of the teacher's batch mean."""
+    of different views. ``center`` is an EMA of the teacher's batch mean,
+    ``c <- m c + (1 - m) mean(teacher_out)`` (``m = center_momentum``), updated after the loss."""
 
-    def __init__(self, out_dim: int, n_crops: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+    def __init__(self, out_dim: int, n_crops: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: str = "center"):
         super().__init__()
+        if centering not in ("center", "sinkhorn"):
+            raise ValueError(f"centering must be 'center' or 'sinkhorn', got {centering!r}")
         self.n_crops, self.student_temp, self.center_momentum = n_crops, student_temp, center_momentum
+        self.centering = centering
         self.register_buffer("center", torch.zeros(1, out_dim))
 
+    def targets(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """Centred, sharpened teacher distributions ``softmax((t - c) / tau_t)`` (or Sinkhorn-Knopp)."""
+        if self.centering == "sinkhorn":
+            return sinkhorn_knopp(teacher_out, teacher_temp)
+        return F.softmax((teacher_out - self.center) / teacher_temp, dim=-1).detach()
+
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """``student_out``: ``[n_crops * B, K]``; ``teacher_out``: ``[2 * B, K]`` (view-major)."""
         s = (student_out / self.student_temp).chunk(self.n_crops)
-        t = F.softmax((teacher_out - self.center) / teacher_temp, dim=-1).detach().chunk(2)
+        t = self.targets(teacher_out, teacher_temp).chunk(2)
         total, n = 0.0, 0
         for it, q in enumerate(t):
             for iv, p in enumerate(s):
@@ -96,22 +202,104 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
-        mean = teacher_out.mean(0, keepdim=True)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(mean)
-            mean /= torch.distributed.get_world_size()
+        mean = _all_reduce_mean(teacher_out.reshape(-1, teacher_out.shape[-1]).mean(0, keepdim=True))
+        self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)
+
+
+def patch_centres(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Source-image coordinates ``(y, x)`` of the patch centres of crops on an ``h x w`` grid: ``[B, h, w, 2]``.
+
+    ``boxes``: ``[B, 5]`` = (top, left, height, width, flipped) of each crop in its source image as
+    :class:`MultiCrop` records them (continuous pixel coordinates: a crop covers ``[top, top + height)``)."""
+    dev = boxes.device
+    v = (torch.arange(h, device=dev, dtype=torch.float32) + 0.5) / h
+    u = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5) / w
+    top, left, bh, bw, flip = boxes.float().unbind(-1)
+    u = torch.where(flip[:, None] > 0.5, 1 - u[None], u[None])  # [B, w]
+    y = top[:, None] + v[None] * bh[:, None]  # [B, h]
+    x = left[:, None] + u * bw[:, None]  # [B, w]
+    return torch.stack(torch.broadcast_tensors(y[:, :, None], x[:, None, :]), dim=-1)
+
+
+def locate_in_crop(points: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where source-image points ``[B, ..., 2]`` (y, x) fall in crops ``boxes [B, 5]``: ``grid_sample``
+    coordinates ``[B, ..., 2]`` (x, y in [-1, 1], align_corners=False) and a bool ``[B, ...]`` inside mask."""
+    top, left, bh, bw, flip = boxes.float().unbind(-1)
+    shape = (-1,) + (1,) * (points.dim() - 2)
+    v = (points[..., 0] - top.view(shape)) / bh.view(shape)
+    u = (points[..., 1] - left.view(shape)) / bw.view(shape)
+    u = torch.where(flip.view(shape) > 0.5, 1 - u, u)
+    inside = (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
+    return torch.stack([2 * u - 1, 2 * v - 1], dim=-1), inside
+
+
+class DensePatchLoss(nn.Module):
+    """Patch-level DINO term (optional, iBOT-like). For each teacher global view ``t`` and student view
+    ``v``: if ``v != t``, every student patch whose centre lies inside crop ``t`` predicts the teacher's
+    patch distribution bilinearly sampled at that image location; if ``v == t``, only the student's
+    *masked* patches count, predicting the teacher's patch at the same position (masked image modelling).
+    Teacher patch outputs are centred by their own EMA centre and sharpened like the CLS term."""
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: str = "center"):
+        super().__init__()
+        if centering not in ("center", "sinkhorn"):
+            raise ValueError(f"centering must be 'center' or 'sinkhorn', got {centering!r}")
+        self.student_temp, self.center_momentum, self.centering = student_temp, center_momentum, centering
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def targets(self, teacher_patches: list[torch.Tensor], teacher_temp: float) -> list[torch.Tensor]:
+        """Per view ``[B, h, w, K]`` target distributions (centre + sharpen, or Sinkhorn-Knopp over all
+        patches of both views)."""
+        if self.centering == "sinkhorn":
+            flat = torch.cat([t.reshape(-1, t.shape[-1]) for t in teacher_patches])
+            q = sinkhorn_knopp(flat, teacher_temp).split([t[..., 0].numel() for t in teacher_patches])
+            return [x.reshape(t.shape) for x, t in zip(q, teacher_patches)]
+        return [F.softmax((t - self.center) / teacher_temp, dim=-1).detach() for t in teacher_patches]
+
+    def forward(self, student_patches: list[torch.Tensor], teacher_patches: list[torch.Tensor],
+                boxes: list[torch.Tensor], teacher_temp: float, masks: list | None = None) -> torch.Tensor:
+        """``student_patches``: V x ``[B, h_v, w_v, K]``; ``teacher_patches``: 2 x ``[B, h, w, K]``;
+        ``boxes``: V x ``[B, 5]``; ``masks``: V x (bool ``[B, h_v, w_v]`` or None)."""
+        masks = masks or [None] * len(student_patches)
+        total, n = student_patches[0].new_zeros(()), 0
+        for it, q in enumerate(self.targets(teacher_patches, teacher_temp)):  # q: [B, h, w, K]
+            q_chw = q.permute(0, 3, 1, 2)
+            for iv, sp in enumerate(student_patches):
+                if iv == it:
+                    if masks[iv] is None or not masks[iv].any():
+                        continue
+                    valid, qs = masks[iv], q
+                else:
+                    grid, valid = locate_in_crop(patch_centres(boxes[iv], sp.shape[1], sp.shape[2]), boxes[it])
+                    if not valid.any():
+                        continue
+                    qs = F.grid_sample(q_chw, grid.to(q_chw.dtype), mode="bilinear", padding_mode="border",
+                                       align_corners=False).permute(0, 2, 3, 1)  # [B, h_v, w_v, K]
+                ce = torch.sum(-qs * F.log_softmax(sp / self.student_temp, dim=-1), dim=-1)
+                total = total + ce[valid].mean()
+                n += 1
+        self.update_center(torch.cat([t.reshape(-1, t.shape[-1]) for t in teacher_patches]))
+        return total / max(n, 1)
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: torch.Tensor) -> None:
+        mean = _all_reduce_mean(teacher_out.mean(0, keepdim=True))
         self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)
 
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """``teacher <- m * teacher + (1 - m) * student`` for every parameter."""
+    """Eq 10: ``teacher <- m * teacher + (1 - m) * student`` for every parameter."""
     for pt, ps in zip(teacher.parameters(), student.parameters()):
         pt.mul_(momentum).add_(ps.detach(), alpha=1 - momentum)
 
 
 def cosine_schedule(base: float, final: float, steps: int, warmup_steps: int = 0, start: float = 0.0) -> np.ndarray:
-    """Linear warm-up from ``start`` to ``base`` over ``warmup_steps``, then cosine from ``base`` to ``final``."""
+    """``[steps]``: linear warm-up from ``start`` to ``base`` over ``warmup_steps``, then cosine from ``base``
+    to ``final``: ``final + (base - final) (1 + cos(pi t / T)) / 2`` for ``t = 0..T-1``."""
+    if warmup_steps > steps:
+        raise ValueError(f"warmup_steps ({warmup_steps}) must not exceed steps ({steps})")
     warm = np.linspace(start, base, warmup_steps, endpoint=False) if warmup_steps else np.zeros(0)
     rest = steps - warmup_steps
     t = np.arange(rest)
@@ -123,48 +311,158 @@ def cosine_schedule(base: float, final: float, steps: int, warmup_steps: int = 0
 # Data
 
 
-class MultiCrop:
-    """DINO multi-crop on a uint8 image ``[H, W, 3]``: ``n_global`` crops (scale 0.4-1) and ``n_local``
-    smaller crops (scale 0.05-0.4), flips and strong colour jitter (class is not colour in the world)."""
+def sample_box(rng: np.random.Generator, H: int, W: int, scale: tuple[float, float],
+               ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """A RandomResizedCrop box ``(top, left, h, w)``: area fraction in ``scale``, log-uniform aspect ratio;
+    the central square after 10 failed tries (as torchvision does)."""
+    for _ in range(10):
+        a = H * W * rng.uniform(*scale)
+        r = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = int(round(math.sqrt(a * r))), int(round(math.sqrt(a / r)))
+        if 0 < w <= W and 0 < h <= H:
+            return int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1)), h, w
+    s = min(H, W)
+    return (H - s) // 2, (W - s) // 2, s, s
 
-    def __init__(self, global_size: int = 64, local_size: int = 32, n_local: int = 4):
+
+def block_mask(rng: np.random.Generator, h: int, w: int, ratio: float) -> np.ndarray:
+    """bool ``[h, w]`` with about ``ratio * h * w`` patches masked in random rectangles (BEiT/iBOT style)."""
+    m = np.zeros((h, w), bool)
+    target = int(round(ratio * h * w))
+    for _ in range(100):
+        if m.sum() >= target:
+            break
+        area = rng.uniform(1, target - m.sum() + 1)
+        r = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+        bh = int(np.clip(round(math.sqrt(area * r)), 1, h))
+        bw = int(np.clip(round(math.sqrt(area / r)), 1, w))
+        y, x = rng.integers(0, h - bh + 1), rng.integers(0, w - bw + 1)
+        m[y:y + bh, x:x + bw] = True
+    return m
+
+
+class MultiCrop:
+    """DINO multi-crop on a uint8 image ``[H, W, 3]``, called as ``mc(image, rng)``.
+
+    Returns ``(crops, boxes, masks)``: 2 global crops of ``global_size`` (area scale ``global_scale``) and
+    ``n_local`` crops of ``local_size`` (``local_scale``), each float ``[3, S, S]`` ImageNet-normalised;
+    ``boxes``: float ``[V, 5]`` (top, left, h, w, flipped) for the dense loss; ``masks``: bool ``[h, w]`` per
+    global crop (all False unless ``mask_ratio > 0``: then a crop is masked with probability ``mask_prob``
+    at a ratio drawn from ``[0.1, mask_ratio]``). Colour augmentation is strong (jitter with hue rotation,
+    channel permutation, grayscale, solarisation on the second view; ``color`` scales it) because in the
+    synthetic world colour never tells the class. Geometry comes from ``rng``, colour from torch's RNG.
+    """
+
+    def __init__(self, global_size: int = 64, local_size: int = 32, n_local: int = 4, patch_size: int = 8,
+                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), color: float = 1.0,
+                 mask_ratio: float = 0.0, mask_prob: float = 0.5):
         from torchvision.transforms import v2
 
         from .data import IMAGENET_MEAN, IMAGENET_STD
 
-        common = [v2.RandomHorizontalFlip(), v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.3, 0.2)], p=0.8),
-                  v2.RandomGrayscale(0.2), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        self.glob = v2.Compose([v2.RandomResizedCrop(global_size, scale=(0.4, 1.0), antialias=True), *common])
-        self.loc = v2.Compose([v2.RandomResizedCrop(local_size, scale=(0.05, 0.4), antialias=True), *common])
-        self.n_local = n_local
+        for name, s in (("global_size", global_size), ("local_size", local_size)):
+            if s <= 0 or s % patch_size:
+                raise ValueError(f"{name}={s} must be a positive multiple of patch_size={patch_size}")
+        if not 0 <= mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        self.global_size, self.local_size, self.n_local, self.patch = global_size, local_size, n_local, patch_size
+        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
+        self.mask_ratio, self.mask_prob = mask_ratio, mask_prob
+        colour = []
+        if color > 0:
+            jitter = v2.ColorJitter(0.4 * color, 0.4 * color, 0.5 * color, min(0.5, 0.5 * color))
+            colour = [v2.RandomApply([jitter], p=0.8),
+                      v2.RandomApply([v2.RandomChannelPermutation()], p=min(0.5 * color, 1.0)),
+                      v2.RandomGrayscale(0.2)]
+        tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        self.first = v2.Compose(colour + tail)
+        self.second = v2.Compose(colour + ([v2.RandomSolarize(128, p=0.2)] if color > 0 else []) + tail)
+        self._resized_crop = v2.functional.resized_crop
+        self._hflip = v2.functional.horizontal_flip
 
-    def __call__(self, image: np.ndarray) -> list[torch.Tensor]:
+    @property
+    def n_crops(self) -> int:
+        return 2 + self.n_local
+
+    def _crop(self, t, rng, size, scale):
+        top, left, h, w = sample_box(rng, t.shape[-2], t.shape[-1], scale)
+        c = self._resized_crop(t, top, left, h, w, [size, size], antialias=True)
+        flip = bool(rng.random() < 0.5)
+        if flip:
+            c = self._hflip(c)
+        return c, [top, left, h, w, float(flip)]
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator):
         t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        return [self.glob(t), self.glob(t)] + [self.loc(t) for _ in range(self.n_local)]
+        crops, boxes, masks = [], [], []
+        g = self.global_size // self.patch
+        for k in range(2):
+            c, b = self._crop(t, rng, self.global_size, self.global_scale)
+            crops.append((self.first if k == 0 else self.second)(c))
+            boxes.append(b)
+            m = np.zeros((g, g), bool)
+            if self.mask_ratio > 0 and rng.random() < self.mask_prob:
+                m = block_mask(rng, g, g, rng.uniform(min(0.1, self.mask_ratio), self.mask_ratio))
+            masks.append(torch.from_numpy(m))
+        for _ in range(self.n_local):
+            c, b = self._crop(t, rng, self.local_size, self.local_scale)
+            crops.append(self.first(c))
+            boxes.append(b)
+        return crops, torch.tensor(boxes, dtype=torch.float32), masks
 
 
-class SyntheticStream(torch.utils.data.IterableDataset):
-    """Endless synthetic train-split scenes, scene ``i`` from seed ``(seed, train, i)``; resumable by
-    ``start`` and split across data-loader workers and DDP ranks without overlap."""
+class CropBatches(torch.utils.data.IterableDataset):
+    """Endless, resumable batches of multi-crops. Batch ``b`` of rank ``r`` holds images
+    ``(b * world + r) * B + k``, ``k < B``; image ``i`` is synthetic train scene ``i`` (seed ``seed``) or,
+    with ``files``, file ``perm_e[i mod n]`` of a per-epoch seeded permutation. Every random choice for
+    image ``i`` is seeded by ``(seed, i)``, so a step always sees the same crops: exact resume with any
+    number of workers (worker ``w`` makes batches ``w, w + workers, ...``, which the DataLoader reads in
+    order). Yields ``(crops: V x [B,3,S,S], boxes: V x [B,5], masks: 2 x [B,h,w])``."""
 
-    def __init__(self, transform, size: int = 64, seed: int = 0, start: int = 0, rank: int = 0, world: int = 1):
-        self.transform, self.size, self.seed, self.start, self.rank, self.world = transform, size, seed, start, rank, world
+    def __init__(self, transform: MultiCrop, batch_size: int, size: int = 64, seed: int = 0, start_batch: int = 0,
+                 rank: int = 0, world: int = 1, files=None):
+        self.transform, self.batch_size, self.size, self.seed = transform, batch_size, size, seed
+        self.start_batch, self.rank, self.world = start_batch, rank, world
+        self.files = list(files) if files is not None else None
+
+    def image(self, i: int) -> np.ndarray:
+        """uint8 ``[H, W, 3]`` image number ``i`` of the stream."""
+        if self.files is None:
+            from .data.synthetic import render_scene, scene_rng
+
+            return render_scene(scene_rng(self.seed, "train", i), size=self.size).image
+        from .data import ImageLoadError, load_image
+
+        n = len(self.files)
+        for j in range(i, i + n):
+            perm = np.random.default_rng([self.seed, j // n]).permutation(n)
+            try:
+                return np.asarray(load_image(self.files[perm[j % n]]))
+            except ImageLoadError:
+                continue  # unreadable file: take the next one in the order
+        raise RuntimeError(f"none of the {n} data files is a readable image")
+
+    def sample(self, i: int):
+        rng = np.random.default_rng([self.seed, 7, i])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng.integers(2 ** 31)))
+            return self.transform(self.image(i), rng)
+
+    def batch(self, b: int):
+        items = [self.sample((b * self.world + self.rank) * self.batch_size + k) for k in range(self.batch_size)]
+        n_views = len(items[0][0])
+        crops = [torch.stack([it[0][v] for it in items]) for v in range(n_views)]
+        boxes = [torch.stack([it[1][v] for it in items]) for v in range(n_views)]
+        masks = [torch.stack([it[2][v] for it in items]) for v in range(2)]
+        return crops, boxes, masks
 
     def __iter__(self):
-        from .data.synthetic import render_scene, scene_rng
-
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        i = self.start + self.rank * nw + wid
+        b = self.start_batch + wid
         while True:
-            sc = render_scene(scene_rng(self.seed, "train", i), size=self.size)
-            torch.manual_seed(hash((self.seed, i)) % (2 ** 31))
-            yield self.transform(sc.image)
-            i += self.world * nw
-
-
-def collate_crops(batch):
-    return [torch.stack([b[v] for b in batch]) for v in range(len(batch[0]))]
+            yield self.batch(b)
+            b += nw
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,28 +472,42 @@ def collate_crops(batch):
 @dataclass
 class Config:
     out: str = "runs/dino"
-    arch: str = "tiny"            # tiny | small (ViT-S/8) | base
+    arch: str = "custom"          # custom (the fields below) | small (ViT-S/8) | base (ViT-B/8)
     patch_size: int = 8
     embed_dim: int = 128
     depth: int = 4
     num_heads: int = 4
-    image_size: int = 64          # global crop and scene size
+    data: str = "synthetic"       # synthetic | path to an image folder
+    image_size: int = 64          # global crop size (and synthetic scene size)
     local_size: int = 32
     n_local: int = 4
+    global_scale_min: float = 0.4
+    local_scale_min: float = 0.05
+    local_scale_max: float = 0.4
+    color: float = 1.0            # colour-augmentation strength (0 = none)
     out_dim: int = 1024
+    head_hidden: int = 512
+    head_bottleneck: int = 128
+    dense_weight: float = 0.0     # weight of the patch-level term (0 = plain CLS DINO)
+    mask_ratio: float = 0.0       # iBOT masking of the student's global crops (0 = off; needs dense_weight)
     steps: int = 1000
     batch_size: int = 32
     lr: float = 5e-4              # for batch 256, scaled linearly
     min_lr: float = 1e-6
     warmup_steps: int = 100
     weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
+    weight_decay_end: float = 0.4  # = weight_decay for a constant weight decay
     momentum: float = 0.996
     teacher_temp: float = 0.04
-    warmup_teacher_temp: float = 0.02
-    warmup_teacher_steps: int = 100
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_steps: int = 0
+    student_temp: float = 0.1
+    centering: str = "center"     # center (DINO: EMA centre + sharpen) | sinkhorn (balanced targets, DINOv2)
+    center_momentum: float = 0.9
+    freeze_last_layer_steps: int = 0
     clip_grad: float = 3.0
     checkpoint_every: int = 200
+    snapshot_every: int = 0       # also export the teacher backbone every N steps (0 = never)
     workers: int = 0
     seed: int = 0
     device: str = "auto"
@@ -205,28 +517,84 @@ ARCHS = {"small": dict(patch_size=8, embed_dim=384, depth=12, num_heads=6),
          "base": dict(patch_size=8, embed_dim=768, depth=12, num_heads=12)}
 
 
+def resolve_arch(cfg: Config) -> Config:
+    """Apply a named architecture (``small``/``base``) and check the configuration."""
+    if cfg.arch in ARCHS:
+        for k, v in ARCHS[cfg.arch].items():
+            setattr(cfg, k, v)
+    elif cfg.arch != "custom":
+        raise ValueError(f"arch must be one of custom, {', '.join(ARCHS)}; got {cfg.arch!r}")
+    if cfg.centering not in ("center", "sinkhorn"):
+        raise ValueError(f"centering must be 'center' or 'sinkhorn', got {cfg.centering!r}")
+    if cfg.embed_dim % cfg.num_heads:
+        raise ValueError(f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}")
+    if cfg.mask_ratio > 0 and cfg.dense_weight <= 0:
+        raise ValueError("mask_ratio > 0 needs dense_weight > 0 (masked patches are trained by the patch term)")
+    return cfg
+
+
+def schedules(cfg: Config, world: int = 1) -> dict[str, np.ndarray]:
+    """Per-step values ``[steps]``: ``lr`` (linear warm-up to ``lr * batch * world / 256``, cosine to
+    ``min_lr``), ``wd`` (cosine ``weight_decay -> weight_decay_end``), ``momentum`` (cosine
+    ``momentum -> 1``) and ``teacher_temp`` (linear ``warmup_teacher_temp -> teacher_temp`` over
+    ``warmup_teacher_steps``, then constant)."""
+    n = cfg.steps
+    wt = min(cfg.warmup_teacher_steps, n)
+    temp = np.concatenate([np.linspace(cfg.warmup_teacher_temp, cfg.teacher_temp, wt),
+                           np.full(n - wt, cfg.teacher_temp)])
+    return {"lr": cosine_schedule(cfg.lr * cfg.batch_size * world / 256, cfg.min_lr, n, cfg.warmup_steps),
+            "wd": cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, n),
+            "momentum": cosine_schedule(cfg.momentum, 1.0, n),
+            "teacher_temp": temp}
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
+def _arch(cfg: Config) -> backbones.Arch:
+    return backbones.Arch(cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads, img_size=cfg.image_size)
+
+
 def build_networks(cfg: Config):
-    arch = backbones.Arch(cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads, img_size=cfg.image_size)
-    torch.manual_seed(cfg.seed)
-    student = Network(backbones.build(arch), DINOHead(cfg.embed_dim, cfg.out_dim))
-    teacher = Network(backbones.build(arch), DINOHead(cfg.embed_dim, cfg.out_dim))
+    """Seeded student and teacher (same initial weights; teacher frozen) and the backbone ``Arch``."""
+    arch = _arch(cfg)
+
+    def net():
+        head = DINOHead(cfg.embed_dim, cfg.out_dim, cfg.head_hidden, cfg.head_bottleneck)
+        return Network(backbones.build(arch), head, mask_token=cfg.mask_ratio > 0)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        student = net()
+        teacher = net()
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
     return student, teacher, arch
 
 
-def train(cfg: Config, resume: bool = True, log=print, max_steps: int | None = None) -> dict:
-    """Train (or continue) a DINO run in ``cfg.out``; returns the last metrics. ``max_steps`` stops early
-    (tests, or a wall-clock-bounded session) without changing the schedules."""
+def _save_backbone(bb: nn.Module, cfg: Config, path: Path, step: int, description: str) -> Path:
+    bb.nbs_info = {"num_heads": cfg.num_heads}
+    try:
+        recipe = json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "workers")})
+        return backbones.save_safetensors(bb, path, description=description, steps=str(step), recipe=recipe)
+    finally:
+        del bb.nbs_info
+
+
+def train(cfg: Config, resume: bool = True, log=print, max_steps: int | None = None,
+          max_minutes: float | None = None) -> dict:
+    """Train (or continue) a DINO run in ``cfg.out``; returns the last metrics row.
+
+    ``max_steps`` / ``max_minutes`` stop early (tests, a wall-clock-bounded session) without changing the
+    schedules, which always span ``cfg.steps``; a checkpoint is written at the stop. Writes
+    ``checkpoint.pth`` (atomic), ``metrics.jsonl`` (one row per step) and ``config.json``."""
     from tqdm.auto import tqdm
 
+    cfg = resolve_arch(cfg)
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = 0, 1
     if ddp:
@@ -235,20 +603,22 @@ def train(cfg: Config, resume: bool = True, log=print, max_steps: int | None = N
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     student, teacher, arch = build_networks(cfg)
     student.to(device), teacher.to(device)
-    n_crops = 2 + cfg.n_local
-    loss_fn = DINOLoss(cfg.out_dim, n_crops).to(device)
-    decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim > 1 and "pos_embed" not in n]
-    no_decay = [p for n, p in student.named_parameters() if p.requires_grad and not (p.ndim > 1 and "pos_embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
-    lr = cosine_schedule(cfg.lr * cfg.batch_size * world / 256, cfg.min_lr, cfg.steps, cfg.warmup_steps)
-    wd = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.steps)
-    mom = cosine_schedule(cfg.momentum, 1.0, cfg.steps)
-    temp = np.concatenate([np.linspace(cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_steps),
-                           np.full(max(0, cfg.steps - cfg.warmup_teacher_steps), cfg.teacher_temp)])
+    dense = cfg.dense_weight > 0
+    loss_fn = DINOLoss(cfg.out_dim, 2 + cfg.n_local, cfg.student_temp, cfg.center_momentum, cfg.centering).to(device)
+    dense_fn = DensePatchLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum, cfg.centering).to(device)
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+
+    def no_wd(n, p):
+        return p.ndim <= 1 or any(k in n for k in ("pos_embed", "cls_token", "mask_token"))
+
+    opt = torch.optim.AdamW([{"params": [p for n, p in named if not no_wd(n, p)]},
+                             {"params": [p for n, p in named if no_wd(n, p)], "weight_decay": 0.0}])
+    sch = schedules(cfg, world)
     step = 0
     ckpt = out / "checkpoint.pth"
     if resume and ckpt.is_file():
@@ -257,92 +627,139 @@ def train(cfg: Config, resume: bool = True, log=print, max_steps: int | None = N
         teacher.load_state_dict(state["teacher"])
         opt.load_state_dict(state["optimizer"])
         loss_fn.load_state_dict(state["loss"])
+        if "dense_loss" in state:
+            dense_fn.load_state_dict(state["dense_loss"])
         step = int(state["step"])
         log(f"resumed from {ckpt} at step {step}")
-    model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None) if ddp else student
-    data = SyntheticStream(MultiCrop(cfg.image_size, cfg.local_size, cfg.n_local), cfg.image_size, cfg.seed,
-                           start=step * cfg.batch_size * world, rank=rank, world=world)
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.workers,
-                                         collate_fn=collate_crops)
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda")
+    elif rank == 0 and (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    model = (torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+             if ddp else student)
+    files = None
+    if cfg.data != "synthetic":
+        from .data import list_images
+
+        files = list_images(cfg.data)
+    crop = MultiCrop(cfg.image_size, cfg.local_size, cfg.n_local, cfg.patch_size, (cfg.global_scale_min, 1.0),
+                     (cfg.local_scale_min, cfg.local_scale_max), cfg.color, cfg.mask_ratio)
+    data = CropBatches(crop, cfg.batch_size, cfg.image_size, cfg.seed, start_batch=step, rank=rank, world=world,
+                       files=files)
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.workers,
+                                         pin_memory=device.type == "cuda")
     stop = min(cfg.steps, max_steps if max_steps is not None else cfg.steps)
+    deadline = time.time() + 60 * max_minutes if max_minutes else None
     bar = tqdm(total=stop, initial=step, desc="dino", unit="step", disable=rank != 0)
     metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    last = {}
-    t0 = time.time()
-    it = iter(loader)
-    while step < stop:
-        crops = [c.to(device, non_blocking=True) for c in next(it)]
-        for i, g in enumerate(opt.param_groups):
-            g["lr"] = float(lr[step])
-            if i == 0:
-                g["weight_decay"] = float(wd[step])
-        with torch.autocast(device.type, enabled=device.type == "cuda", dtype=torch.bfloat16):
-            with torch.no_grad():
-                t_out = teacher(crops[:2])
-            s_out = model(crops)
-            loss = loss_fn(s_out.float(), t_out.float(), float(temp[step]))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
-        scaler.step(opt)
-        scaler.update()
-        ema_update(teacher, student, float(mom[step]))
-        step += 1
-        last = {"step": step, "loss": loss.item(), "lr": float(lr[step - 1]), "momentum": float(mom[step - 1]),
-                "teacher_temp": float(temp[step - 1]), "grad_norm": float(gnorm),
-                "images_per_s": step * cfg.batch_size * world / max(time.time() - t0, 1e-9)}
-        if metrics_f:
-            metrics_f.write(json.dumps(last) + "\n")
-            metrics_f.flush()
-        bar.update(1)
-        bar.set_postfix(loss=f"{last['loss']:.3f}")
-        if rank == 0 and (step % cfg.checkpoint_every == 0 or step == stop):
+
+    def save():
+        if rank == 0:
             _atomic_save({"student": student.state_dict(), "teacher": teacher.state_dict(),
-                          "optimizer": opt.state_dict(), "loss": loss_fn.state_dict(), "step": step,
+                          "optimizer": opt.state_dict(), "loss": loss_fn.state_dict(),
+                          "dense_loss": dense_fn.state_dict(), "step": step,
                           "config": json.dumps(asdict(cfg))}, ckpt)
-    bar.close()
-    if metrics_f:
-        metrics_f.close()
-    if ddp:
-        torch.distributed.destroy_process_group()
+
+    last, saved_at = {}, step
+    t0, step0 = time.time(), step
+    it = iter(loader)
+    try:
+        while step < stop:
+            crops, boxes, masks = next(it)
+            crops = [c.to(device, non_blocking=True) for c in crops]
+            boxes = [b.to(device) for b in boxes]
+            s_masks = [m.to(device) for m in masks] + [None] * cfg.n_local if cfg.mask_ratio > 0 else None
+            for i, g in enumerate(opt.param_groups):
+                g["lr"] = float(sch["lr"][step])
+                if i == 0:
+                    g["weight_decay"] = float(sch["wd"][step])
+            temp = float(sch["teacher_temp"][step])
+            with torch.autocast(device.type, enabled=device.type == "cuda", dtype=torch.bfloat16):
+                with torch.no_grad():
+                    t_cls, t_patch = teacher(crops[:2], dense=dense)
+                s_cls, s_patch = model(crops, s_masks, dense=dense)
+            with torch.no_grad():
+                q = loss_fn.targets(t_cls.float(), temp)
+                t_ent = float(-(q * q.clamp_min(1e-12).log()).sum(-1).mean())  # ~ln K: uniform collapse
+                qm = q.mean(0)
+                t_marg = float(-(qm * qm.clamp_min(1e-12).log()).sum())  # ~0: one-prototype collapse
+            cls_loss = loss_fn(s_cls.float(), t_cls.float(), temp)
+            loss, d_loss = cls_loss, torch.zeros(())
+            if dense:
+                d_loss = dense_fn([p.float() for p in s_patch], [p.float() for p in t_patch], boxes, temp, s_masks)
+                loss = cls_loss + cfg.dense_weight * d_loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if step < cfg.freeze_last_layer_steps:
+                for p in student.head.last_layer.parameters():
+                    p.grad = None
+            gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
+            opt.step()
+            ema_update(teacher, student, float(sch["momentum"][step]))
+            step += 1
+            last = {"step": step, "loss": loss.item(), "cls_loss": cls_loss.item(), "dense_loss": d_loss.item(),
+                    "teacher_entropy": t_ent, "teacher_marginal_entropy": t_marg, "lr": float(sch["lr"][step - 1]),
+                    "momentum": float(sch["momentum"][step - 1]), "teacher_temp": temp, "grad_norm": float(gnorm),
+                    "images_per_s": (step - step0) * cfg.batch_size * world / max(time.time() - t0, 1e-9),
+                    "elapsed_s": time.time() - t0}
+            if metrics_f:
+                metrics_f.write(json.dumps(last) + "\n")
+                metrics_f.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.3f}")
+            if step % cfg.checkpoint_every == 0:
+                save()
+                saved_at = step
+            if rank == 0 and cfg.snapshot_every and step % cfg.snapshot_every == 0:
+                _save_backbone(teacher.backbone, cfg, out / "snapshots" / f"teacher_{step:06d}.safetensors", step,
+                               f"DINO teacher at step {step}")
+            if deadline and time.time() > deadline:
+                log(f"time budget of {max_minutes} min reached at step {step}")
+                break
+    finally:
+        if saved_at != step:
+            save()
+        bar.close()
+        if metrics_f:
+            metrics_f.close()
+        if ddp:
+            torch.distributed.destroy_process_group()
     return last
 
 
 def export_teacher(ckpt: str | Path, out: str | Path, description: str = "tiny DINO (synthetic world)") -> Path:
-    """Write the teacher backbone of a checkpoint as safetensors loadable by :func:`backbones.load`."""
+    """Write the teacher backbone of a checkpoint as fp32 safetensors (heads, step and the training recipe
+    in the metadata), loadable by :func:`nbsupport.backbones.load`."""
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     cfg = Config(**json.loads(state["config"]))
-    arch = backbones.Arch(cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads, img_size=cfg.image_size)
-    model = backbones.build(arch)
+    model = backbones.build(_arch(cfg))
     sd = {k[len("backbone."):]: v for k, v in state["teacher"].items() if k.startswith("backbone.")}
     backbones.load_state(model, sd, str(ckpt))
-    model.nbs_info = {"num_heads": cfg.num_heads}
-    return backbones.save_safetensors(model, out, description=description, steps=str(state["step"]))
+    return _save_backbone(model, cfg, Path(out), int(state["step"]), description)
 
 
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("dino", help="DINO self-distillation: train a ViT, export its teacher")
     sub = p.add_subparsers(dest="dino_cmd", required=True)
-    t = sub.add_parser("train", help="train (resumes from OUT/checkpoint.pth when present)")
+    t = sub.add_parser("train", help="train (resumes from OUT/checkpoint.pth when present)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f, v in asdict(Config()).items():
         t.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
-    t.add_argument("--no-resume", action="store_true")
+    t.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
     t.add_argument("--max-steps", type=int, default=None, help="stop early (schedules still span --steps)")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop after this wall-clock time")
 
     def _train(a):
         cfg = Config(**{f: getattr(a, f) for f in asdict(Config())})
-        if cfg.arch in ARCHS:
-            for k, v in ARCHS[cfg.arch].items():
-                setattr(cfg, k, v)
-        train(cfg, resume=not a.no_resume, max_steps=a.max_steps)
+        last = train(cfg, resume=not a.no_resume, max_steps=a.max_steps, max_minutes=a.max_minutes)
+        print(json.dumps(last))
         return 0
 
     t.set_defaults(func=_train)
     e = sub.add_parser("export", help="write the teacher backbone as .safetensors")
     e.add_argument("checkpoint")
     e.add_argument("--out", required=True)
-    e.set_defaults(func=lambda a: (print(export_teacher(a.checkpoint, a.out)), 0)[1])
+    e.add_argument("--description", default="tiny DINO (synthetic world)")
+    e.set_defaults(func=lambda a: (print(export_teacher(a.checkpoint, a.out, a.description)), 0)[1])
