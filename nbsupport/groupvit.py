@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import paths
+from .backbones import WeightsUnavailableError
 
 # ============================================================================================== configs
 @dataclass(frozen=True)
@@ -731,10 +732,17 @@ def load(name_or_path: str | Path = "small", device: str | torch.device = "cpu",
     if name in URLS:
         path = weights_path(name)
         if not path.exists():
+            msg = (f"GroupViT weights {name!r} are not available offline. Download\n  {URLS[name]}\n"
+                   f"and put the file at\n  {path}\n(or set NBSUPPORT_CACHE to a folder holding "
+                   f"groupvit/{path.name}, or pass the file's path to groupvit.load). Offline alternative: "
+                   f"'random:small'.")
             if not download:
-                raise FileNotFoundError(f"{path} missing; download {URLS[name]} there")
+                raise WeightsUnavailableError(msg)
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(URLS[name], str(path), progress=True)
+            try:  # torch.hub writes a temporary file and renames it: no half file is left behind
+                torch.hub.download_url_to_file(URLS[name], str(path), progress=True)
+            except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError
+                raise WeightsUnavailableError(msg + f"\n(download failed: {e})") from e
         model = from_state_dict(read_checkpoint(path), CONFIGS[name], img_size, source=str(path))
         model.nbs_info = {"name": name, "pretrained": True, "description": f"GroupViT {name}"}
         return model.to(device)

@@ -217,3 +217,32 @@ def test_load_names():
     assert gv.weights_path("group_vit_gcc_yfcc_30e").name == "group_vit_gcc_yfcc_30e-879422e0.pth"
     with pytest.raises(ValueError, match="unknown config"):
         gv.build("huge")
+
+
+def test_official_name_offline_and_from_cache(tmp_path, monkeypatch, model):
+    """Offline, an official name fails with the URL and the exact cache path; a file put there (official
+    layout, nested under 'model' with non-tensor objects beside it) then loads by name."""
+    import urllib.error
+
+    from nbsupport.backbones import WeightsUnavailableError
+
+    monkeypatch.setenv("NBSUPPORT_CACHE", str(tmp_path))
+    name = "group_vit_gcc_yfcc_30e"
+    with pytest.raises(WeightsUnavailableError) as e:
+        gv.load(name, download=False)
+    assert gv.URLS[name] in str(e.value) and str(gv.weights_path(name)) in str(e.value)
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsUnavailableError, match="download failed"):
+        gv.load(name)
+    assert not gv.weights_path(name).exists()
+    # the small config stands in for the official one: put a file in the cache and load it by name
+    monkeypatch.setitem(gv.CONFIGS, name, model.cfg)
+    gv.weights_path(name).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "epoch": 30}, gv.weights_path(name))
+    m = gv.load(name)
+    assert m.nbs_info["pretrained"] and name in gv.describe(m)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(m.encode_image(x).image_embeds, model.encode_image(x).image_embeds)
