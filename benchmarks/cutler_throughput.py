@@ -1,0 +1,102 @@
+"""CutLER training throughput: images/s of full training steps (copy-paste on, flip on, AMP on CUDA).
+
+Synthetic scenes with 1-4 instances are held in memory as tensors on the device (so the number is the
+step's, not the disk's); each step runs :func:`nbsupport.cutler.augment_batch` on the device, the
+forward/backward of the class-agnostic Mask R-CNN with DropLoss, gradient clipping and an SGD step,
+exactly as :func:`nbsupport.cutler.train` does. The reference reports ~7 images/s per V100 (CutLER,
+detectron2, Cascade R50-FPN, 16 images/batch over 8 GPUs, multi-scale 240-1024 px).
+
+    python benchmarks/cutler_throughput.py                         # CPU: resnet50, 256 px, batch 2
+    python benchmarks/cutler_throughput.py --device cuda --size 800 --batch 8 --steps 30
+    python benchmarks/cutler_throughput.py --arch resnet18 --size 128 --threads 1   # small CPU check
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+
+def scenes(n: int, size: int, seed: int):
+    from nbsupport import cutler as C
+    from nbsupport.data.synthetic import render_scene
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        s = render_scene(rng, size=size, n_objects=(1, 4), overlap="allowed")
+        img = torch.from_numpy(s.image).permute(2, 0, 1).float() / 255
+        m = torch.from_numpy(s.instance_masks.astype(np.uint8))
+        out.append((img, {"masks": m, "boxes": C.masks_to_boxes(m), "labels": torch.ones(len(m), dtype=torch.int64)}))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--arch", default="resnet50", help="resnet50 | resnet50_v2 | resnet18 | resnet34")
+    ap.add_argument("--size", type=int, default=256, help="short side (fixed; the reference samples 240-1024)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--no-amp", action="store_true")
+    ap.add_argument("--no-copy-paste", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", help="append the result as one JSON line to this file")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from nbsupport import cutler as C
+
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    model = C.build_model(args.arch, min_size=(args.size,), max_size=int(args.size * 1.667),
+                          min_size_test=args.size).to(dev).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-5)
+    amp = dev.type == "cuda" and not args.no_amp
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    data = [(im.to(dev), {k: v.to(dev) for k, v in t.items()}) for im, t in scenes(max(8, args.batch * 2), args.size, 0)]
+    gen = torch.Generator().manual_seed(0)
+
+    def step(k):
+        batch = [data[(k * args.batch + i) % len(data)] for i in range(args.batch)]
+        images, targets = C.augment_batch([b[0] for b in batch], [b[1] for b in batch], gen,
+                                          flip=True, do_copy_paste=not args.no_copy_paste)
+        with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
+            loss = sum(model(images, targets).values())
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(opt)
+        scaler.update()
+        return float(loss.detach())
+
+    for k in range(args.warmup):
+        step(k)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for k in range(args.steps):
+        step(args.warmup + k)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+           "arch": args.arch, "size": args.size, "batch": args.batch, "amp": amp, "copy_paste": not args.no_copy_paste,
+           "steps": args.steps, "s_per_step": dt / args.steps, "images_per_s": args.batch * args.steps / dt}
+    if dev.type == "cuda":
+        res["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
+    print(json.dumps(res))
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()
