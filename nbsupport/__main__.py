@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Modules that may offer subcommands (each exposes ``add_cli(subparsers)``); missing ones are skipped.
-CLI_MODULES = ("runner", "maskcut", "cutler", "groupvit", "dino")
+CLI_MODULES = ("runner", "maskcut", "cutler", "groupvit", "dino", "grouptrain")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -90,6 +90,10 @@ URLS = {
     "group_vit_gcc_redcap_30e": "https://github.com/xvjiarui/GroupViT/releases/download/v1.0.0/"
                                 "group_vit_gcc_redcap_30e-3dd09a76.pth",
 }
+#: Small weights shipped in ``data/weights/`` (name -> file, command that retrains them; nbsupport.grouptrain).
+SHIPPED = {"tiny_groupvit_synth": ("tiny_groupvit_synth.safetensors",
+                                   "python -m nbsupport groupvit-train --recipe tiny_groupvit_synth "
+                                   "(see README, 'Tiny offline GroupViT')")}
 HF_REPOS = {"nvidia/groupvit-gcc-yfcc": "group_vit_gcc_yfcc_30e", "nvidia/groupvit-gcc-redcaps": "group_vit_gcc_redcap_30e"}
 
 
@@ -757,6 +761,15 @@ def load(name_or_path: str | Path = "small", device: str | torch.device = "cpu",
             path = Path(hf_hub_download(name, "pytorch_model.bin", cache_dir=paths.cache_dir() / "groupvit"))
         model = _load_file(path, img_size)
         model.nbs_info = {"name": name, "pretrained": True, "description": f"GroupViT {name} (HF)"}
+        return model.to(device)
+    if name in SHIPPED:   # tiny offline models trained by nbsupport.grouptrain (see SHIPPED)
+        path = paths.data_dir() / "weights" / SHIPPED[name][0]
+        if not path.is_file():
+            raise FileNotFoundError(f"{name!r}: shipped weights {path} are missing; retrain them with "
+                                    f"{SHIPPED[name][1]}")
+        model = _load_file(path, img_size)
+        model.nbs_info = {"name": name, "pretrained": True, "description": f"{name} (tiny GroupViT trained on the "
+                                                                         "synthetic world)"}
         return model.to(device)
     path = Path(name)
     if not path.exists():
