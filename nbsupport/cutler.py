@@ -308,7 +308,7 @@ def hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
 
 
 def copy_paste(images: list, targets: list, scale=(0.3, 1.0), generator: torch.Generator | None = None,
-               min_area: int = 1) -> tuple[list, list]:
+               min_area: int = 1, max_cover: float | None = 0.5) -> tuple[list, list]:
     """Copy-paste augmentation as CutLER does it (thesis 3.3).
 
     Image ``i`` receives instances of donor ``B-1-i`` (the reversed batch; an odd batch's middle image is
@@ -316,7 +316,9 @@ def copy_paste(images: list, targets: list, scale=(0.3, 1.0), generator: torch.G
     donor image and masks are rescaled by ``s ~ U(scale)`` and placed at a random offset (cropped at the
     border). Pasted pixels replace the target's pixels; existing masks lose them and instances left with
     fewer than ``min_area`` pixels are dropped; pasted instances empty after cropping are dropped; all
-    boxes are recomputed from the masks. Works on the tensors' device; randomness from ``generator``
+    boxes are recomputed from the masks. As in the reference, a pasted instance that would hide at least
+    ``max_cover`` of an existing instance's pixels (intersection over the existing mask's area) is not
+    pasted, and when none is left the image is returned unchanged (``max_cover=None``: paste them all). Works on the tensors' device; randomness from ``generator``
     (a CPU ``torch.Generator``). Returns new lists (inputs are not modified).
     """
     gen = generator if generator is not None else torch.default_generator
@@ -345,6 +347,14 @@ def copy_paste(images: list, targets: list, scale=(0.3, 1.0), generator: torch.G
         pasted = torch.zeros((k, H, W), dtype=torch.bool, device=img.device)
         pasted[:, y0:y0 + ph, x0:x0 + pw] = smask[:, :ph, :pw]
         pasted = pasted[pasted.flatten(1).sum(1) >= min_area]
+        if max_cover is not None and len(tgt["masks"]) and len(pasted):
+            old_f = tgt["masks"].bool().flatten(1).float()
+            cover = (pasted.flatten(1).float() @ old_f.T) / old_f.sum(1).clamp(min=1)[None]
+            pasted = pasted[cover.max(1).values < max_cover]
+        if len(pasted) == 0:
+            out_imgs.append(img)
+            out_tgts.append(dict(tgt))
+            continue
         union = pasted.any(0)
         new_img = img.clone()
         canvas = torch.zeros_like(img)
@@ -362,13 +372,14 @@ def copy_paste(images: list, targets: list, scale=(0.3, 1.0), generator: torch.G
     return out_imgs, out_tgts
 
 
-def augment_batch(images, targets, generator, flip: bool = True, do_copy_paste: bool = True, scale=(0.3, 1.0)):
+def augment_batch(images, targets, generator, flip: bool = True, do_copy_paste: bool = True, scale=(0.3, 1.0),
+                  max_cover: float | None = 0.5):
     """Training augmentations on the device: random horizontal flip (p = 0.5) then copy-paste."""
     if flip:
         pairs = [hflip(im, t) if _rand(generator) < 0.5 else (im, t) for im, t in zip(images, targets)]
         images, targets = [p[0] for p in pairs], [p[1] for p in pairs]
     if do_copy_paste:
-        images, targets = copy_paste(images, targets, scale, generator)
+        images, targets = copy_paste(images, targets, scale, generator, max_cover=max_cover)
     return list(images), list(targets)
 
 
@@ -550,6 +561,48 @@ class StreamSampler(torch.utils.data.Sampler):
         while True:
             yield from self.epoch_indices(epoch)[offset:]
             epoch, offset = epoch + 1, 0
+
+    def __len__(self):  # effectively infinite
+        return 2 ** 62
+
+
+def aspect_groups(dataset) -> list[int]:
+    """Aspect-ratio group per dataset item (0: width >= height, 1: portrait), from the COCO ``width`` /
+    ``height`` of each record (items without them go to group 0)."""
+    out = []
+    for im, _ in dataset.records:
+        w, h = im.get("width"), im.get("height")
+        out.append(int(bool(w and h and h > w)))
+    return out
+
+
+class GroupedStreamBatchSampler(torch.utils.data.Sampler):
+    """Batches of ``batch_size`` indices from an infinite index stream, each batch from one aspect-ratio
+    group (as detectron2's ``AspectRatioGroupedDataset`` / torchvision's ``GroupedBatchSampler``): the
+    stream is read in order, each index goes to its group's buffer, a full buffer is emitted. Images of a
+    batch then share an orientation and the padded batch tensor wastes less memory.
+
+    Resumable: batches are a deterministic function of the stream, so ``skip`` batches are regenerated
+    (indices only, no image is loaded) and dropped; a run resumed at iteration ``k`` (``skip=k``) sees the
+    same batches as one never interrupted.
+    """
+
+    def __init__(self, stream, groups, batch_size: int, skip: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.stream, self.groups, self.batch_size, self.skip = stream, list(groups), batch_size, skip
+
+    def __iter__(self):
+        buffers: dict[int, list[int]] = {}
+        emitted = 0
+        for i in self.stream:
+            buf = buffers.setdefault(self.groups[i], [])
+            buf.append(i)
+            if len(buf) == self.batch_size:
+                if emitted >= self.skip:
+                    yield list(buf)
+                emitted += 1
+                buf.clear()
 
     def __len__(self):  # effectively infinite
         return 2 ** 62

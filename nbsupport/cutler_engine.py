@@ -33,7 +33,7 @@ DEFAULTS = {
     "drop_loss": True, "drop_iou": 0.01,
     # data
     "train_json": None, "image_root": None, "flip": True, "copy_paste": True, "copy_paste_scale": [0.3, 1.0],
-    "num_workers": 4,
+    "copy_paste_max_cover": 0.5, "aspect_grouping": True, "num_workers": 4,
     # solver (batch_size is the total over all processes, as in detectron2's IMS_PER_BATCH)
     "batch_size": 16, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-5, "weight_decay_norm": 0.0,
     "max_iter": 160000, "steps": [80000], "gamma": 0.02, "warmup_iters": 1000, "warmup_factor": 0.001,
@@ -262,10 +262,16 @@ def train(cfg: dict, out_dir, resume: bool = False, init=None, stop_after: int |
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    sampler = C.StreamSampler(len(dataset), seed, rank, world, start=start * per_rank)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler, collate_fn=C.collate,
-                                         num_workers=int(cfg["num_workers"]), pin_memory=device.type == "cuda",
-                                         persistent_workers=False)
+    common = dict(collate_fn=C.collate, num_workers=int(cfg["num_workers"]), pin_memory=device.type == "cuda",
+                  persistent_workers=False)
+    groups = C.aspect_groups(dataset) if cfg["aspect_grouping"] and hasattr(dataset, "records") else None
+    if groups is not None and len(set(groups)) > 1:  # landscape and portrait batches (detectron2's default)
+        batches = C.GroupedStreamBatchSampler(C.StreamSampler(len(dataset), seed, rank, world), groups, per_rank,
+                                              skip=start)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, **common)
+    else:
+        sampler = C.StreamSampler(len(dataset), seed, rank, world, start=start * per_rank)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler, **common)
     max_iter = int(cfg["max_iter"])
     bar = None
     if progress and rank == 0:
@@ -294,7 +300,7 @@ def train(cfg: dict, out_dir, resume: bool = False, init=None, stop_after: int |
             else:
                 images, targets = _to_device(images, targets, device)
                 images, targets = C.augment_batch(images, targets, gen, cfg["flip"], cfg["copy_paste"],
-                                                  tuple(cfg["copy_paste_scale"]))
+                                                  tuple(cfg["copy_paste_scale"]), cfg["copy_paste_max_cover"])
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                     losses = ddp(images, targets)
                 loss = sum(losses.values())

@@ -172,18 +172,53 @@ def test_copy_paste_same_place_occlusion():
         pasted = t["masks"][-1].bool()
         donor = targets[1]["masks"].bool()
         which = 0 if torch.equal(pasted, donor[0]) else 1
-        assert torch.equal(pasted, donor[which])
         seen.add(which)
-        assert torch.equal(out[:, pasted], images[1][:, pasted]) and torch.equal(out[:, ~pasted], images[0][:, ~pasted])
+        if which == 0:
+            assert torch.equal(out[:, pasted], images[1][:, pasted]) and torch.equal(out[:, ~pasted], images[0][:, ~pasted])
         if which == 0:  # B1 pasted: A loses the 5x5 overlap, C untouched
             assert len(t["masks"]) == 3
             assert int(t["masks"][0].sum()) == 100 - 25 and torch.equal(t["masks"][1], targets[0]["masks"][1])
-        else:           # B2 pasted: C fully occluded -> dropped
-            assert len(t["masks"]) == 2 and torch.equal(t["masks"][0], targets[0]["masks"][0])
+        else:           # B2 picked: it would hide all of C (>= 50%) -> not pasted, image unchanged (reference)
+            assert len(t["masks"]) == 2 and torch.equal(t["masks"], targets[0]["masks"])
+            assert torch.equal(out, images[0])
         assert torch.equal(t["boxes"], C.masks_to_boxes(t["masks"]))
         assert t["labels"].tolist() == [1] * len(t["masks"]) and t["image_id"] == 0
     assert seen == {0, 1}
     assert targets[0]["masks"].sum() == 116 and images[0].sum() == 0  # inputs untouched
+
+
+def test_copy_paste_without_cover_rule_occludes_and_drops():
+    """max_cover=None pastes whatever is drawn: B2 hides C completely, so C is dropped from the target."""
+    images, targets = _instances()
+    seen = set()
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        imgs, tgts = C.copy_paste(images, targets, scale=(1.0, 1.0), generator=g, max_cover=None)
+        t, donor = tgts[0], targets[1]["masks"]
+        which = 0 if torch.equal(t["masks"][-1], donor[0]) else 1
+        assert torch.equal(t["masks"][-1], donor[which])
+        seen.add(which)
+        if which == 1:
+            assert len(t["masks"]) == 2 and torch.equal(t["masks"][0], targets[0]["masks"][0])
+            assert torch.equal(imgs[0][:, donor[1].bool()], images[1][:, donor[1].bool()])
+    assert seen == {0, 1}
+
+
+def test_copy_paste_cover_threshold_hand_case():
+    """A pasted 10x10 square over a 10x20 existing instance covers exactly half of it: 0.5 is dropped
+    (>= max_cover, as the reference's `< 0.5` keep rule), 0.51 keeps it."""
+    size = 32
+    m0 = torch.zeros(1, size, size, dtype=torch.uint8)
+    m0[0, 0:10, 0:20] = 1
+    m1 = torch.zeros(1, size, size, dtype=torch.uint8)
+    m1[0, 0:10, 0:10] = 1
+    t0 = {"masks": m0, "boxes": C.masks_to_boxes(m0), "labels": torch.ones(1, dtype=torch.int64)}
+    t1 = {"masks": m1, "boxes": C.masks_to_boxes(m1), "labels": torch.ones(1, dtype=torch.int64)}
+    images = [torch.zeros(3, size, size), torch.ones(3, size, size)]
+    _, tg = C.copy_paste(images, [t0, t1], scale=(1.0, 1.0), generator=torch.Generator().manual_seed(0), max_cover=0.5)
+    assert len(tg[0]["masks"]) == 1 and torch.equal(tg[0]["masks"], m0)
+    _, tg = C.copy_paste(images, [t0, t1], scale=(1.0, 1.0), generator=torch.Generator().manual_seed(0), max_cover=0.51)
+    assert len(tg[0]["masks"]) == 2 and int(tg[0]["masks"][0].sum()) == 100
 
 
 def test_copy_paste_rescale_offset_and_invariants():
@@ -288,3 +323,32 @@ def test_stream_sampler_resume_and_shards():
     r0, r1 = iter(C.StreamSampler(10, 3, 0, 2)), iter(C.StreamSampler(10, 3, 1, 2))
     a, b = [next(r0) for _ in range(5)], [next(r1) for _ in range(5)]
     assert sorted(a + b) == list(range(10))                   # DDP shards partition an epoch
+
+
+# ------------------------------------------------------------------------------------------------ aspect grouping
+
+def test_grouped_stream_batches_one_orientation_and_resume():
+    n = 23
+    groups = [int(i % 3 == 0) for i in range(n)]  # 8 portrait, 15 landscape
+    stream = C.StreamSampler(n, seed=4)
+    full = C.GroupedStreamBatchSampler(stream, groups, 4)
+    it = iter(full)
+    batches = [next(it) for _ in range(30)]
+    for b in batches:
+        assert len(b) == 4 and len({groups[i] for i in b}) == 1
+    # in stream order: concatenating the batches of a group gives that group's indices as the stream yields them
+    s_it = iter(stream)
+    seq = [next(s_it) for _ in range(200)]
+    for g in (0, 1):
+        got = [i for b in batches if groups[b[0]] == g for i in b]
+        want = [i for i in seq if groups[i] == g][:len(got)]
+        assert got == want
+    # resume at batch 11: the same batches as the uninterrupted run
+    it2 = iter(C.GroupedStreamBatchSampler(C.StreamSampler(n, seed=4), groups, 4, skip=11))
+    assert [next(it2) for _ in range(19)] == batches[11:]
+
+
+def test_aspect_groups_from_coco_sizes():
+    class D:
+        records = [({"width": 64, "height": 48}, []), ({"width": 48, "height": 64}, []), ({"id": 3}, [])]
+    assert C.aspect_groups(D()) == [0, 1, 0]

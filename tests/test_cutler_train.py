@@ -169,3 +169,49 @@ def test_evaluate_splits_against_pycocotools():
     r = C.evaluate({**gt, "annotations": []}, perfect)
     assert math.isnan(r["box"]["AP"])
 
+
+
+def _mixed_orientation_set(root):
+    """6 images, 3 landscape (64x48) and 3 portrait (48x64), each with one rectangle instance."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    images, anns = [], []
+    for k in range(6):
+        w, h = (64, 48) if k % 2 == 0 else (48, 64)
+        arr = (rng.random((h, w, 3)) * 60).astype(np.uint8)
+        m = np.zeros((h, w), np.uint8)
+        m[8:30, 10:34] = 1
+        arr[m.astype(bool)] = 200
+        Image.fromarray(arr).save(root / "images" / f"{k}.png")
+        images.append({"id": k + 1, "file_name": f"{k}.png", "width": w, "height": h})
+        r = mu.encode(np.asfortranarray(m))
+        anns.append({"id": k + 1, "image_id": k + 1, "category_id": 1, "iscrowd": 0, "area": int(m.sum()),
+                     "bbox": [10, 8, 24, 22], "segmentation": {"size": [h, w], "counts": r["counts"].decode()}})
+    p = root / "train.json"
+    p.write_text(__import__("json").dumps({"images": images, "annotations": anns,
+                                           "categories": [{"id": 1, "name": "fg"}]}))
+    return p
+
+
+def test_aspect_grouping_batches_and_resume(tmp_path, monkeypatch):
+    ann = _mixed_orientation_set(tmp_path / "data")
+    shapes = []
+    real = C.augment_batch
+
+    def spy(images, targets, *a, **k):
+        shapes.append({tuple(im.shape[-2:]) for im in images})
+        return real(images, targets, *a, **k)
+
+    monkeypatch.setattr(C, "augment_batch", spy)
+    cfg = C.load_config("smoke", dict(TINY, train_json=str(ann), aspect_grouping=True))
+    C.train(cfg, tmp_path / "a", progress=False)
+    assert len(shapes) == 4 and all(len(s) == 1 for s in shapes)     # one orientation per batch
+    assert {next(iter(s)) for s in shapes} == {(48, 64), (64, 48)}    # both groups are used
+    C.train(cfg, tmp_path / "b", stop_after=3, progress=False)
+    C.train(cfg, tmp_path / "b", resume=True, progress=False)
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")        # resume replays the grouped order
+    shapes.clear()
+    C.train(dict(cfg, aspect_grouping=False, max_iter=4), tmp_path / "c", progress=False)
+    assert any(len(s) == 2 for s in shapes)                           # without grouping, batches mix
