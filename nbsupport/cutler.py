@@ -318,8 +318,9 @@ def copy_paste(images: list, targets: list, scale=(0.3, 1.0), generator: torch.G
     fewer than ``min_area`` pixels are dropped; pasted instances empty after cropping are dropped; all
     boxes are recomputed from the masks. As in the reference, a pasted instance that would hide at least
     ``max_cover`` of an existing instance's pixels (intersection over the existing mask's area) is not
-    pasted, and when none is left the image is returned unchanged (``max_cover=None``: paste them all). Works on the tensors' device; randomness from ``generator``
-    (a CPU ``torch.Generator``). Returns new lists (inputs are not modified).
+    pasted, and when none is left the image is returned unchanged (``max_cover=None``: paste them all).
+    Works on the tensors' device; randomness from ``generator`` (a CPU ``torch.Generator``). Returns new
+    lists (inputs are not modified).
     """
     gen = generator if generator is not None else torch.default_generator
     B = len(images)
