@@ -206,29 +206,54 @@ class DINOLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)
 
 
+def _rot_forward(u: torch.Tensor, v: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised crop coordinates ``(u, v)`` (x, y in [0, 1]) before -> after ``torch.rot90(crop, k)``
+    (``dims=(-2, -1)``, counter-clockwise): one quarter turn maps ``(u, v) -> (v, 1 - u)``."""
+    for _ in range(3):
+        turn = k > 0.5
+        u, v = torch.where(turn, v, u), torch.where(turn, 1 - u, v)
+        k = k - 1
+    return u, v
+
+
+def _rot_inverse(u: torch.Tensor, v: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`_rot_forward`: one quarter turn back maps ``(u, v) -> (1 - v, u)``."""
+    for _ in range(3):
+        turn = k > 0.5
+        u, v = torch.where(turn, 1 - v, u), torch.where(turn, u, v)
+        k = k - 1
+    return u, v
+
+
 def patch_centres(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Source-image coordinates ``(y, x)`` of the patch centres of crops on an ``h x w`` grid: ``[B, h, w, 2]``.
 
     ``boxes``: ``[B, 5]`` = (top, left, height, width, flipped) of each crop in its source image as
-    :class:`MultiCrop` records them (continuous pixel coordinates: a crop covers ``[top, top + height)``)."""
+    :class:`MultiCrop` records them (continuous pixel coordinates: a crop covers ``[top, top + height)``),
+    or ``[B, 6]`` with the number of counter-clockwise quarter turns applied after the flip."""
     dev = boxes.device
-    v = (torch.arange(h, device=dev, dtype=torch.float32) + 0.5) / h
-    u = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5) / w
-    top, left, bh, bw, flip = boxes.float().unbind(-1)
-    u = torch.where(flip[:, None] > 0.5, 1 - u[None], u[None])  # [B, w]
-    y = top[:, None] + v[None] * bh[:, None]  # [B, h]
-    x = left[:, None] + u * bw[:, None]  # [B, w]
-    return torch.stack(torch.broadcast_tensors(y[:, :, None], x[:, None, :]), dim=-1)
+    B = boxes.shape[0]
+    v = ((torch.arange(h, device=dev, dtype=torch.float32) + 0.5) / h)[None, :, None].expand(B, h, w)
+    u = ((torch.arange(w, device=dev, dtype=torch.float32) + 0.5) / w)[None, None, :].expand(B, h, w)
+    top, left, bh, bw, flip = boxes.float()[:, :5].unbind(-1)
+    if boxes.shape[-1] > 5:
+        u, v = _rot_inverse(u, v, boxes.float()[:, 5].view(B, 1, 1))
+    u = torch.where(flip.view(B, 1, 1) > 0.5, 1 - u, u)
+    y = top.view(B, 1, 1) + v * bh.view(B, 1, 1)
+    x = left.view(B, 1, 1) + u * bw.view(B, 1, 1)
+    return torch.stack([y, x], dim=-1)
 
 
 def locate_in_crop(points: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where source-image points ``[B, ..., 2]`` (y, x) fall in crops ``boxes [B, 5]``: ``grid_sample``
+    """Where source-image points ``[B, ..., 2]`` (y, x) fall in crops ``boxes [B, 5 or 6]``: ``grid_sample``
     coordinates ``[B, ..., 2]`` (x, y in [-1, 1], align_corners=False) and a bool ``[B, ...]`` inside mask."""
-    top, left, bh, bw, flip = boxes.float().unbind(-1)
+    top, left, bh, bw, flip = boxes.float()[:, :5].unbind(-1)
     shape = (-1,) + (1,) * (points.dim() - 2)
     v = (points[..., 0] - top.view(shape)) / bh.view(shape)
     u = (points[..., 1] - left.view(shape)) / bw.view(shape)
     u = torch.where(flip.view(shape) > 0.5, 1 - u, u)
+    if boxes.shape[-1] > 5:
+        u, v = _rot_forward(u, v, boxes.float()[:, 5].view(shape))
     inside = (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
     return torch.stack([2 * u - 1, 2 * v - 1], dim=-1), inside
 
@@ -238,19 +263,27 @@ class DensePatchLoss(nn.Module):
     ``v``: if ``v != t``, every student patch whose centre lies inside crop ``t`` predicts the teacher's
     patch distribution bilinearly sampled at that image location; if ``v == t``, only the student's
     *masked* patches count, predicting the teacher's patch at the same position (masked image modelling).
-    Teacher patch outputs are centred by their own EMA centre and sharpened like the CLS term."""
+    Teacher patch outputs are centred by their own EMA centre and sharpened like the CLS term.
+
+    ``image_center=True`` also subtracts, before sharpening, each teacher view's mean patch output
+    (per image): the targets then say how a patch differs from the rest of its image, so a feature
+    shared by every patch of an image (background, palette: an image "fingerprint", which satisfies the
+    plain dense term and is what a tiny model learns first on the synthetic world) no longer helps."""
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 centering: str = "center"):
+                 centering: str = "center", image_center: bool = False):
         super().__init__()
         if centering not in ("center", "sinkhorn"):
             raise ValueError(f"centering must be 'center' or 'sinkhorn', got {centering!r}")
         self.student_temp, self.center_momentum, self.centering = student_temp, center_momentum, centering
+        self.image_center = image_center
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def targets(self, teacher_patches: list[torch.Tensor], teacher_temp: float) -> list[torch.Tensor]:
         """Per view ``[B, h, w, K]`` target distributions (centre + sharpen, or Sinkhorn-Knopp over all
         patches of both views)."""
+        if self.image_center:
+            teacher_patches = [t - t.mean((1, 2), keepdim=True) for t in teacher_patches]
         if self.centering == "sinkhorn":
             flat = torch.cat([t.reshape(-1, t.shape[-1]) for t in teacher_patches])
             q = sinkhorn_knopp(flat, teacher_temp).split([t[..., 0].numel() for t in teacher_patches])
@@ -279,6 +312,8 @@ class DensePatchLoss(nn.Module):
                 ce = torch.sum(-qs * F.log_softmax(sp / self.student_temp, dim=-1), dim=-1)
                 total = total + ce[valid].mean()
                 n += 1
+        if self.image_center:  # the EMA centre tracks what the targets are made of
+            teacher_patches = [t - t.mean((1, 2), keepdim=True) for t in teacher_patches]
         self.update_center(torch.cat([t.reshape(-1, t.shape[-1]) for t in teacher_patches]))
         return total / max(n, 1)
 
@@ -346,16 +381,20 @@ class MultiCrop:
 
     Returns ``(crops, boxes, masks)``: 2 global crops of ``global_size`` (area scale ``global_scale``) and
     ``n_local`` crops of ``local_size`` (``local_scale``), each float ``[3, S, S]`` ImageNet-normalised;
-    ``boxes``: float ``[V, 5]`` (top, left, h, w, flipped) for the dense loss; ``masks``: bool ``[h, w]`` per
+    ``boxes``: float ``[V, 5]`` (top, left, h, w, flipped; ``[V, 6]`` with the quarter turns when ``rotate > 0``)
+    for the dense loss; ``masks``: bool ``[h, w]`` per
     global crop (all False unless ``mask_ratio > 0``: then a crop is masked with probability ``mask_prob``
     at a ratio drawn from ``[0.1, mask_ratio]``). Colour augmentation is strong (jitter with hue rotation,
     channel permutation, grayscale, solarisation on the second view; ``color`` scales it) because in the
-    synthetic world colour never tells the class. Geometry comes from ``rng``, colour from torch's RNG.
+    synthetic world colour never tells the class. ``rotate``: probability that a crop is also turned by a
+    random non-zero multiple of 90 degrees (recorded in ``boxes``, so the dense term still pairs the same image
+    locations): the dense term then rewards orientation-invariant features, as the world's textures have a
+    random orientation per instance. Geometry comes from ``rng``, colour from torch's RNG.
     """
 
     def __init__(self, global_size: int = 64, local_size: int = 32, n_local: int = 4, patch_size: int = 8,
                  global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), color: float = 1.0,
-                 mask_ratio: float = 0.0, mask_prob: float = 0.5):
+                 mask_ratio: float = 0.0, mask_prob: float = 0.5, rotate: float = 0.0):
         from torchvision.transforms import v2
 
         from .data import IMAGENET_MEAN, IMAGENET_STD
@@ -365,6 +404,9 @@ class MultiCrop:
                 raise ValueError(f"{name}={s} must be a positive multiple of patch_size={patch_size}")
         if not 0 <= mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        if not 0 <= rotate <= 1:
+            raise ValueError(f"rotate must be a probability in [0, 1], got {rotate}")
+        self.rotate = rotate
         self.global_size, self.local_size, self.n_local, self.patch = global_size, local_size, n_local, patch_size
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
         self.mask_ratio, self.mask_prob = mask_ratio, mask_prob
@@ -390,7 +432,12 @@ class MultiCrop:
         flip = bool(rng.random() < 0.5)
         if flip:
             c = self._hflip(c)
-        return c, [top, left, h, w, float(flip)]
+        box = [top, left, h, w, float(flip)]
+        if self.rotate > 0:
+            k = int(rng.integers(1, 4)) if rng.random() < self.rotate else 0
+            c = torch.rot90(c, k, dims=(-2, -1)) if k else c
+            box.append(float(k))
+        return c, box
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator):
         t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
@@ -485,10 +532,12 @@ class Config:
     local_scale_min: float = 0.05
     local_scale_max: float = 0.4
     color: float = 1.0            # colour-augmentation strength (0 = none)
+    rotate: float = 0.0           # probability of a random quarter turn per crop (0 = off)
     out_dim: int = 1024
     head_hidden: int = 512
     head_bottleneck: int = 128
     dense_weight: float = 0.0     # weight of the patch-level term (0 = plain CLS DINO)
+    dense_image_center: bool = False  # dense targets relative to each image's mean patch output
     mask_ratio: float = 0.0       # iBOT masking of the student's global crops (0 = off; needs dense_weight)
     steps: int = 1000
     batch_size: int = 32
@@ -610,7 +659,8 @@ def train(cfg: Config, resume: bool = True, log=print, max_steps: int | None = N
     student.to(device), teacher.to(device)
     dense = cfg.dense_weight > 0
     loss_fn = DINOLoss(cfg.out_dim, 2 + cfg.n_local, cfg.student_temp, cfg.center_momentum, cfg.centering).to(device)
-    dense_fn = DensePatchLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum, cfg.centering).to(device)
+    dense_fn = DensePatchLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum, cfg.centering,
+                              cfg.dense_image_center).to(device)
     named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
 
     def no_wd(n, p):
@@ -643,7 +693,7 @@ def train(cfg: Config, resume: bool = True, log=print, max_steps: int | None = N
 
         files = list_images(cfg.data)
     crop = MultiCrop(cfg.image_size, cfg.local_size, cfg.n_local, cfg.patch_size, (cfg.global_scale_min, 1.0),
-                     (cfg.local_scale_min, cfg.local_scale_max), cfg.color, cfg.mask_ratio)
+                     (cfg.local_scale_min, cfg.local_scale_max), cfg.color, cfg.mask_ratio, rotate=cfg.rotate)
     data = CropBatches(crop, cfg.batch_size, cfg.image_size, cfg.seed, start_batch=step, rank=rank, world=world,
                        files=files)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.workers,
@@ -746,7 +796,8 @@ def add_cli(subparsers) -> None:
     t = sub.add_parser("train", help="train (resumes from OUT/checkpoint.pth when present)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f, v in asdict(Config()).items():
-        t.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
+        typ = (lambda x: str(x).lower() in ("1", "true", "yes", "on")) if isinstance(v, bool) else type(v)
+        t.add_argument(f"--{f.replace('_', '-')}", type=typ, default=v)
     t.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
     t.add_argument("--max-steps", type=int, default=None, help="stop early (schedules still span --steps)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop after this wall-clock time")

@@ -103,12 +103,12 @@ def test_head_last_layer_is_weight_normalised():
     assert out.shape == (5, 32) and out.abs().max() <= 1 + 1e-5  # cosine to unit prototypes
 
 
-def _ramp_crops(n_local=2, seed=0):
+def _ramp_crops(n_local=2, seed=0, rotate=0.0):
     """Multi-crops of an image whose red/green channels are 4 * (row, column): pixel values give back the
     source coordinates of every crop pixel."""
     yy, xx = np.mgrid[0:64, 0:64]
     img = np.stack([4 * yy, 4 * xx, np.zeros_like(xx)], -1).astype(np.uint8)
-    mc = dino.MultiCrop(32, 16, n_local, 8, color=0.0)
+    mc = dino.MultiCrop(32, 16, n_local, 8, color=0.0, rotate=rotate)
     crops, boxes, masks = mc(img, np.random.default_rng(seed))
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     coords = []
@@ -127,11 +127,28 @@ def test_patch_centres_follow_the_crop_geometry():
         assert torch.allclose(pts, coords[v], atol=0.1), v  # flips included
 
 
-def test_dense_targets_are_sampled_at_the_same_image_location():
+def test_patch_centres_follow_quarter_turns():
+    turns = set()
+    for seed in range(6):
+        crops, boxes, coords = _ramp_crops(n_local=2, seed=seed, rotate=1.0)
+        assert boxes.shape == (4, 6)
+        turns |= {int(b[5]) for b in boxes.tolist()}
+        for v in range(4):
+            pts = dino.patch_centres(boxes[v][None], *coords[v].shape[:2])[0]
+            assert torch.allclose(pts, coords[v], atol=0.1), (seed, v, boxes[v])  # flips and turns
+    assert turns == {1, 2, 3}
+    u, v, k = torch.rand(50), torch.rand(50), torch.randint(0, 4, (50,)).float()
+    assert torch.allclose(torch.stack(dino._rot_inverse(*dino._rot_forward(u, v, k), k)), torch.stack([u, v]))
+    assert [round(float(x), 2) for x in dino._rot_forward(torch.tensor(0.2), torch.tensor(0.1), torch.tensor(1.0))] \
+        == [0.1, 0.8]  # rot90 moves the top-left corner region to the bottom-left
+
+
+@pytest.mark.parametrize("rotate", [0.0, 0.7])
+def test_dense_targets_are_sampled_at_the_same_image_location(rotate):
     # teacher "patch outputs" = the source coordinates of its patches; sampled at the student's patch
     # centres they must give back the student's own coordinates (bilinear is exact on a linear ramp)
     for seed in range(4):
-        crops, boxes, coords = _ramp_crops(n_local=2, seed=seed)
+        crops, boxes, coords = _ramp_crops(n_local=2, seed=seed, rotate=rotate)
         teacher = coords[0][None].permute(0, 3, 1, 2)  # [1, 2, h, w]
         for v in (1, 2, 3):
             pts = dino.patch_centres(boxes[v][None], *coords[v].shape[:2])
@@ -144,7 +161,7 @@ def test_dense_targets_are_sampled_at_the_same_image_location():
             outside = ~inside[0]
             if outside.any():  # points outside the teacher crop really are outside its box
                 y, x = coords[v][outside].unbind(-1)
-                top, left, bh, bw, _ = boxes[0].tolist()
+                top, left, bh, bw = boxes[0].tolist()[:4]
                 assert ((y < top) | (y > top + bh) | (x < left) | (x > left + bw)).all()
 
 
@@ -295,3 +312,18 @@ def test_cli_trains_and_exports(tmp_path):
     assert json.loads((out / "config.json").read_text())["dense_weight"] == 0.5
     assert main(["dino", "export", str(out / "checkpoint.pth"), "--out", str(tmp_path / "w.safetensors")]) == 0
     assert backbones.load(tmp_path / "w.safetensors").nbs_info["embed_dim"] == 32
+
+
+def test_dense_image_centering_ignores_what_every_patch_of_an_image_shares():
+    torch.manual_seed(0)
+    t = [torch.randn(2, 3, 3, 8) for _ in range(2)]
+    shared = [torch.randn(2, 1, 1, 8) * 5 for _ in range(2)]  # one "fingerprint" per image and view
+    plain, centred = dino.DensePatchLoss(8), dino.DensePatchLoss(8, image_center=True)
+    q0 = centred.targets(t, 0.1)
+    q1 = centred.targets([a + b for a, b in zip(t, shared)], 0.1)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(q0, q1))
+    p0, p1 = plain.targets(t, 0.1), plain.targets([a + b for a, b in zip(t, shared)], 0.1)
+    assert not torch.allclose(p0[0], p1[0], atol=1e-2)  # without it the fingerprint changes the targets
+    # a teacher whose patches only differ by image gives uniform targets: nothing to learn from it
+    q = centred.targets([s.expand(2, 3, 3, 8) for s in shared], 0.1)
+    assert torch.allclose(q[0], torch.full_like(q[0], 1 / 8), atol=1e-5)

@@ -295,3 +295,31 @@ def test_explicit_root_keeps_other_splits_and_refuses_foreign_folders(tmp_path):
     with pytest.raises(ValueError, match="not a synthetic dataset"):
         syn.synthetic_dataset(n_images=1, size=32, root=foreign)
     assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_textures_are_told_apart_at_patch_scale():
+    """World v3: an 8 x 8 pixel window inside an object shows enough of its texture to name the class
+    (fixed pixel scales, one structure per texture). Colour-free descriptor: sorted |FFT| magnitudes of the
+    standardised grayscale window (phase- and largely rotation-invariant); 7-NN, 4-fold CV. v2, whose
+    patterns scaled with the object and were three kinds of stripes, gives 0.44 here; v3 0.59 (chance 0.28)."""
+    from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rng = np.random.default_rng(0)
+    X, y = [], []
+    for seed in range(200):
+        sc = syn.render_scene(seed, size=64, n_objects=1, scale=(0.8, 0.95))
+        g = sc.image.astype(float) @ np.array([0.299, 0.587, 0.114])
+        for _ in range(10):
+            i, j = rng.integers(0, 57, 2)
+            lab = sc.semantic[i:i + 8, j:j + 8]
+            if (lab == lab[0, 0]).all() and lab[0, 0] > 0:
+                w = g[i:i + 8, j:j + 8]
+                w = (w - w.mean()) / (w.std() + 0.255)
+                X.append(np.sort(np.abs(np.fft.fft2(w)).ravel())[::-1][:24])
+                y.append(lab[0, 0])
+    X, y = np.array(X), np.array(y)
+    assert len(set(y)) >= 5 and len(y) > 300
+    chance = np.bincount(y).max() / len(y)
+    acc = cross_val_score(KNeighborsClassifier(7), X, y, cv=4).mean()
+    assert acc > chance + 0.25, (acc, chance)

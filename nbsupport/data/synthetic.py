@@ -8,6 +8,9 @@ class*. That question is only interesting if class is not a trivial pixel statis
   "dotted circle", ...): telling classes apart needs shape and/or texture;
 * the two texture colours are drawn at random **per instance** (hue, saturation, brightness), and the
   pattern's orientation, phase and period are jittered per instance: colour never tells the class;
+* texture scales are fixed in pixels (3-7 px, a different scale and structure per texture; world v3), so
+  an 8 x 8 pixel patch - one ViT/8 token - already shows which texture it is: a patch-level feature *can*
+  know the class, which the affinity, best-buddies and tiny-DINO studies need;
 * backgrounds are named procedural textures ("gravel", "grass", ...) with random palettes, smoother and
   lower in contrast than the object textures.
 
@@ -44,7 +47,7 @@ from scipy import ndimage
 from .. import paths
 
 #: Bump whenever rendering changes: it is part of every cache key, so stale cached datasets are rebuilt.
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -246,29 +249,40 @@ def _stripes(s: np.ndarray, period: float) -> np.ndarray:
 
 
 def _texture(rng, kind: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
-    """Pattern in [0, 1] in the object's own frame; orientation, phase and period jittered per instance."""
-    period = max(4.0, r * rng.uniform(0.38, 0.55))  # >= 4 px: patterns survive 64 px scenes
+    """Pattern in [0, 1] in the object's own frame; orientation, phase and scale jittered per instance.
+
+    World v3: pattern scales are fixed in pixels (not proportional to the object), and each texture has
+    its own scale and structure, so that an 8 x 8 pixel patch already tells the textures apart (in v2,
+    three of them looked like the same stripes at patch scale, which capped any patch-level measure):
+    striped = straight stripes of period ~4.5 px; wavy = broad bands (~7 px) bent by a short sine;
+    zigzag = fine chevrons (~3.5 px) with sharp bends; checkered = 2-D cells of ~3 px; dotted = sparse
+    round dots ~6 px apart; plain = one colour with gentle shading."""
+    j = rng.uniform(0.9, 1.12)  # per-instance scale jitter
     a = rng.uniform(0, np.pi)
-    s = u * np.cos(a) + v * np.sin(a) + rng.uniform(0, period)
-    t = -u * np.sin(a) + v * np.cos(a) + rng.uniform(0, period)
+    s0 = u * np.cos(a) + v * np.sin(a)
+    t0 = -u * np.sin(a) + v * np.cos(a)
+    ph_s, ph_t = rng.uniform(0, 1, size=2)
     if kind == "striped":
-        return _stripes(s, period)
-    if kind == "wavy":  # stripes whose centre lines are sine curves
-        return _stripes(s + 0.35 * period * np.sin(2 * np.pi * t / (2.2 * period)), period)
-    if kind == "zigzag":  # chevrons: stripes bent by a triangle wave
-        tri = np.abs(np.mod(t / (1.6 * period), 1.0) - 0.5) * 2 - 0.5
-        return _stripes(s + 0.9 * period * tri, period)
+        period = 4.5 * j
+        return _stripes(s0 + ph_s * period, period)
+    if kind == "wavy":  # broad bands whose centre lines are short, deep sine curves
+        period = 7.0 * j
+        return _stripes(s0 + ph_s * period + 0.45 * period * np.sin(2 * np.pi * t0 / (1.3 * period)), period)
+    if kind == "zigzag":  # fine chevrons: stripes bent by a short triangle wave
+        period = 3.6 * j
+        tri = np.abs(np.mod(t0 / (1.4 * period) + ph_t, 1.0) - 0.5) * 2 - 0.5
+        return _stripes(s0 + ph_s * period + 1.4 * period * tri, period)
     if kind == "checkered":
-        cell = 0.65 * period
-        prod = np.sin(np.pi * s / cell) * np.sin(np.pi * t / cell)
-        return np.clip(0.5 + prod * cell / np.pi * 1.5, 0, 1)
+        cell = 3.0 * j
+        prod = np.sin(np.pi * (s0 / cell + ph_s)) * np.sin(np.pi * (t0 / cell + ph_t))
+        return np.clip(0.5 + prod * 2.0, 0, 1)
     if kind == "dotted":
-        step = 1.3 * period
-        ds = np.mod(s, step) - step / 2
-        dt = np.mod(t, step) - step / 2
-        return np.clip(0.28 * step - np.hypot(ds, dt) + 0.5, 0, 1)
+        step = 6.0 * j
+        ds = np.mod(s0 + ph_s * step, step) - step / 2
+        dt = np.mod(t0 + ph_t * step, step) - step / 2
+        return np.clip(0.3 * step - np.hypot(ds, dt) + 0.5, 0, 1)
     if kind == "plain":  # a single colour with gentle shading towards the second one
-        return np.clip(0.15 + 0.15 * s / r, 0, 0.3)
+        return np.clip(0.15 + 0.15 * s0 / r, 0, 0.3)
     raise ValueError(f"unknown texture {kind!r}")
 
 
