@@ -217,12 +217,8 @@ def _rot_forward(u: torch.Tensor, v: torch.Tensor, k: torch.Tensor) -> tuple[tor
 
 
 def _rot_inverse(u: torch.Tensor, v: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`_rot_forward`: one quarter turn back maps ``(u, v) -> (1 - v, u)``."""
-    for _ in range(3):
-        turn = k > 0.5
-        u, v = torch.where(turn, 1 - v, u), torch.where(turn, u, v)
-        k = k - 1
-    return u, v
+    """Inverse of :func:`_rot_forward`: undoing ``k`` quarter turns is ``(4 - k) mod 4`` more of them."""
+    return _rot_forward(u, v, torch.remainder(4 - k, 4))
 
 
 def patch_centres(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -279,11 +275,18 @@ class DensePatchLoss(nn.Module):
         self.image_center = image_center
         self.register_buffer("center", torch.zeros(1, out_dim))
 
+    def _image_centred(self, teacher_patches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The teacher outputs the targets are made of: minus each image's mean patch output if ``image_center``."""
+        if not self.image_center:
+            return teacher_patches
+        return [t - t.mean((1, 2), keepdim=True) for t in teacher_patches]
+
     def targets(self, teacher_patches: list[torch.Tensor], teacher_temp: float) -> list[torch.Tensor]:
         """Per view ``[B, h, w, K]`` target distributions (centre + sharpen, or Sinkhorn-Knopp over all
         patches of both views)."""
-        if self.image_center:
-            teacher_patches = [t - t.mean((1, 2), keepdim=True) for t in teacher_patches]
+        return self._sharpen(self._image_centred(teacher_patches), teacher_temp)
+
+    def _sharpen(self, teacher_patches: list[torch.Tensor], teacher_temp: float) -> list[torch.Tensor]:
         if self.centering == "sinkhorn":
             flat = torch.cat([t.reshape(-1, t.shape[-1]) for t in teacher_patches])
             q = sinkhorn_knopp(flat, teacher_temp).split([t[..., 0].numel() for t in teacher_patches])
@@ -296,7 +299,8 @@ class DensePatchLoss(nn.Module):
         ``boxes``: V x ``[B, 5]``; ``masks``: V x (bool ``[B, h_v, w_v]`` or None)."""
         masks = masks or [None] * len(student_patches)
         total, n = student_patches[0].new_zeros(()), 0
-        for it, q in enumerate(self.targets(teacher_patches, teacher_temp)):  # q: [B, h, w, K]
+        teacher_patches = self._image_centred(teacher_patches)
+        for it, q in enumerate(self._sharpen(teacher_patches, teacher_temp)):  # q: [B, h, w, K]
             q_chw = q.permute(0, 3, 1, 2)
             for iv, sp in enumerate(student_patches):
                 if iv == it:
@@ -312,8 +316,6 @@ class DensePatchLoss(nn.Module):
                 ce = torch.sum(-qs * F.log_softmax(sp / self.student_temp, dim=-1), dim=-1)
                 total = total + ce[valid].mean()
                 n += 1
-        if self.image_center:  # the EMA centre tracks what the targets are made of
-            teacher_patches = [t - t.mean((1, 2), keepdim=True) for t in teacher_patches]
         self.update_center(torch.cat([t.reshape(-1, t.shape[-1]) for t in teacher_patches]))
         return total / max(n, 1)
 
