@@ -8,6 +8,19 @@ import sys
 # Modules that may offer subcommands (each exposes ``add_cli(subparsers)``); missing ones are skipped.
 CLI_MODULES = ("runner", "maskcut", "cutler", "groupvit", "dino", "grouptrain")
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def cli_bool(text: str) -> bool:
+    """``type=`` for boolean options (``--flag true`` / ``--flag off``); anything else is an error, so a typo
+    such as ``--amp flase`` stops the command instead of silently meaning False."""
+    t = str(text).strip().lower()
+    if t in _TRUE:
+        return True
+    if t in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean ({'/'.join(_TRUE)} or {'/'.join(_FALSE)}), got {text!r}")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nbsupport", description="nbsupport command line")

@@ -793,12 +793,13 @@ def export_teacher(ckpt: str | Path, out: str | Path, description: str = "tiny D
 
 
 def add_cli(subparsers) -> None:
+    from .__main__ import cli_bool
     p = subparsers.add_parser("dino", help="DINO self-distillation: train a ViT, export its teacher")
     sub = p.add_subparsers(dest="dino_cmd", required=True)
     t = sub.add_parser("train", help="train (resumes from OUT/checkpoint.pth when present)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f, v in asdict(Config()).items():
-        typ = (lambda x: str(x).lower() in ("1", "true", "yes", "on")) if isinstance(v, bool) else type(v)
+        typ = cli_bool if isinstance(v, bool) else type(v)
         t.add_argument(f"--{f.replace('_', '-')}", type=typ, default=v)
     t.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
     t.add_argument("--max-steps", type=int, default=None, help="stop early (schedules still span --steps)")

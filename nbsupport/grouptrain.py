@@ -258,11 +258,14 @@ def _collate(batch):
     return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
 
 
-def synthetic_captions(n_images: int, seed: int = 0, size: int = 64, split: str = "train", n_objects=(1, 3)) -> Path:
-    """The cached synthetic world split (``captions_<split>.json`` path; images under ``images/``)."""
+def synthetic_captions(n_images: int, seed: int = 0, size: int = 64, split: str = "train", n_objects=(1, 3),
+                       scale=(0.2, 0.45)) -> Path:
+    """The cached synthetic world split (``captions_<split>.json`` path; images under ``images/``);
+    ``scale``: object diameters as fractions of the image side (:func:`nbsupport.data.synthetic.render_scene`)."""
     from .data.synthetic import synthetic_dataset
+    kw = {} if tuple(scale) == (0.2, 0.45) else {"scale": tuple(float(x) for x in scale)}
     return synthetic_dataset(n_images=n_images, seed=seed, size=size, split=split,
-                             n_objects=tuple(n_objects)) / f"captions_{split}.json"
+                             n_objects=tuple(n_objects), **kw) / f"captions_{split}.json"
 
 
 # ============================================================================================== validation
@@ -325,6 +328,8 @@ class TrainConfig:
     n_train: int = 512              # synthetic training scenes
     min_objects: int = 1            # objects per synthetic training scene (validation always uses 1-3)
     max_objects: int = 3
+    min_object_scale: float = 0.2   # synthetic training objects' diameter / image side (validation: 0.2-0.45)
+    max_object_scale: float = 0.45
     image_size: int = 64            # training resolution (the thesis: 224, then 384)
     augment: str = "none"           # none | crop
     epochs: int = 2
@@ -547,7 +552,8 @@ def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None) -> 
 
     # data
     if cfg.data == "synthetic":
-        ann = synthetic_captions(cfg.n_train, cfg.seed, cfg.image_size, "train", (cfg.min_objects, cfg.max_objects))
+        ann = synthetic_captions(cfg.n_train, cfg.seed, cfg.image_size, "train", (cfg.min_objects, cfg.max_objects),
+                                 (cfg.min_object_scale, cfg.max_object_scale))
         ds = CaptionImages(ann, None, cfg.image_size, preload=True, augment=cfg.augment)
     else:
         ds = CaptionImages(cfg.data, cfg.image_root or None, cfg.image_size, preload=False, augment=cfg.augment)
@@ -680,10 +686,11 @@ RECIPES = {
 RECIPE_EXPORTS = {"tiny_groupvit_synth": "data/weights/tiny_groupvit_synth.safetensors"}
 
 def _add_config_args(p: argparse.ArgumentParser):
+    from .__main__ import cli_bool
     for f in dataclasses.fields(TrainConfig):
         opt = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            p.add_argument(opt, type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=None,
+            p.add_argument(opt, type=cli_bool, default=None,
                            metavar="BOOL", help=f"(default {f.default})")
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)

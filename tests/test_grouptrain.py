@@ -277,6 +277,16 @@ def test_cli_recipe_and_overrides():
     assert plain.label_kind == "np" and plain.n_train == gt.TrainConfig().n_train and plain.epochs == 2
 
 
+@pytest.mark.parametrize("cmd", [["groupvit-train", "--non-noisy"], ["dino", "train", "--dense-image-center"]])
+def test_cli_bool_options_are_strict(cmd, capsys):
+    """Boolean options take yes/no words in any case; a typo stops the command instead of meaning False."""
+    from nbsupport.__main__ import build_parser, cli_bool
+    assert [cli_bool(s) for s in ("TRUE", "on", "1", "No", "off", "0")] == [True] * 3 + [False] * 3
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(cmd + ["flase"])
+    assert "expected a boolean" in capsys.readouterr().err
+
+
 def test_shipped_tiny_model_name():
     from nbsupport import paths
     path = paths.data_dir() / "weights" / "tiny_groupvit_synth.safetensors"
@@ -325,3 +335,20 @@ def test_torchrun_ddp_keeps_ranks_in_sync(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a if "running_" not in k and "num_batches" not in k)
     assert any(not torch.equal(a[k], init[k]) for k in a if a[k].is_floating_point())
     assert [r["step"] for r in gt.read_metrics(tmp_path / "run") if r["type"] == "train"] == [1, 2]
+
+
+def test_training_scenes_take_an_object_scale(tmp_path, monkeypatch):
+    """``min/max_object_scale`` reaches the renderer: larger objects cover more of the frame, and the default
+    scale keeps the cache key of the plain world."""
+    monkeypatch.setenv("NBSUPPORT_ROOT", str(tmp_path))
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "nbsupport").mkdir()
+
+    def coverage(ann):
+        d = json.loads((ann.parent / "instances_train.json").read_text())
+        return sum(a["area"] for a in d["annotations"]) / (len(d["images"]) * 48 * 48)
+
+    plain = gt.synthetic_captions(24, 0, 48, "train", (1, 1))
+    assert plain == gt.synthetic_captions(24, 0, 48, "train", (1, 1), (0.2, 0.45))
+    big = gt.synthetic_captions(24, 0, 48, "train", (1, 1), (0.5, 0.8))
+    assert big != plain and coverage(big) > 2.5 * coverage(plain)
