@@ -112,6 +112,27 @@ def ge_loss(attn: torch.Tensor) -> torch.Tensor:
     return ent.group_entropy_loss(attn)
 
 
+def group_balance_loss(soft: list) -> torch.Tensor:
+    """Group usage balance, an addition that is not in the thesis: per image and grouping stage,
+    ``1 - H(u) / log G`` of the mean soft assignment ``u = mean_j soft[:, :, j]`` over the stage's ``G``
+    groups; 0 when the groups take equal shares, 1 when one group takes every segment. ``soft``: the stages'
+    ``[B, G, N]`` assignments (``ImageOutput.soft``).
+
+    Why: a small GroupViT trained from scratch keeps its soft assignments flat, so during training the
+    Gumbel noise groups at random and at inference the argmax puts everything in one group; sharpening them
+    with GE (Eq 37) alone makes the last stage collapse onto one group. GE sharpens each patch's assignment,
+    this term spreads the patches over the groups (measured in the README, "Tiny offline GroupViT")."""
+    terms = []
+    for a in soft:
+        g = a.shape[1]
+        if g < 2:
+            continue
+        terms.append(1 - ent.entropy(a.float().mean(-1), -1) / math.log(g))           # [B]
+    if not terms:
+        return soft[0].sum() * 0 if soft else torch.zeros(())
+    return torch.stack(terms).mean()
+
+
 def le_loss(attn: torch.Tensor, a_st: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
     """Eq 39-41, LE: mean entropy of every patch over the image's labels; ``a_st [B, G, K]`` logits, ``<PAD>``
     labels (``pad [B, K]``) removed from the softmax. Images without real labels are skipped."""
@@ -353,6 +374,7 @@ class TrainConfig:
     w_le: float = 0.0
     w_se: float = 0.0
     w_dino: float = 0.0
+    w_balance: float = 0.0          # group usage balance (group_balance_loss; not in the thesis)
     dino_backbone: str = "random_tiny8"
     dino_layer: int = 9
     context_length: int = 77        # text tokens (shorter is faster for short captions)
@@ -451,6 +473,8 @@ def compute_losses(model: gv.GroupViT, images: torch.Tensor, captions: list[str]
                                                                         gather(pad), strings)
     if cfg.w_ge:
         losses["ge"] = cfg.w_ge * ge_loss(out.attn)
+    if cfg.w_balance:
+        losses["balance"] = cfg.w_balance * group_balance_loss(out.soft)
     if (cfg.w_le or cfg.w_se) and lab is not None:
         a_st = affinity_logits(out.group_embeds, lab, core.scale)
         if cfg.w_le:

@@ -352,3 +352,21 @@ def test_training_scenes_take_an_object_scale(tmp_path, monkeypatch):
     assert plain == gt.synthetic_captions(24, 0, 48, "train", (1, 1), (0.2, 0.45))
     big = gt.synthetic_captions(24, 0, 48, "train", (1, 1), (0.5, 0.8))
     assert big != plain and coverage(big) > 2.5 * coverage(plain)
+
+
+def test_group_balance_loss_hand_cases():
+    """0 when the groups share the patches equally, 1 when one group takes them all, log-scaled in between;
+    stages with one group are skipped and gradients reach the assignment logits."""
+    b, g, n = 2, 4, 6
+    even = torch.zeros(b, g, n)
+    even[:, torch.arange(n) % g, torch.arange(n)] = 1.0               # 6 patches over 4 groups: 2, 2, 1, 1
+    one = torch.zeros(b, g, n)
+    one[:, 0] = 1.0
+    assert gt.group_balance_loss([torch.full((b, g, n), 1 / g)]).item() == pytest.approx(0.0, abs=1e-6)
+    assert gt.group_balance_loss([one]).item() == pytest.approx(1.0)
+    u = torch.tensor([2, 2, 1, 1]) / 6
+    assert gt.group_balance_loss([even]).item() == pytest.approx(1 + (u * u.log()).sum().item() / math.log(4))
+    assert gt.group_balance_loss([one, torch.ones(b, 1, g)]).item() == pytest.approx(1.0)
+    logits = torch.randn(b, g, n, requires_grad=True)
+    gt.group_balance_loss([logits.softmax(1)]).backward()
+    assert logits.grad.abs().sum() > 0
