@@ -25,8 +25,8 @@ def load(name: str):
     if name.endswith(".pt"):                          # a groupvit-train checkpoint (tensors only)
         from nbsupport import grouptrain as gt
         state = gt.load_checkpoint(name)
-        cfg = json.loads(state.get("config", "{}")) if isinstance(state.get("config"), str) else {}
-        model = gv.build(cfg.get("model", "small") if cfg.get("model", "small") in gv.CONFIGS else "small")
+        arch = json.loads(state.get("config") or "{}").get("model", "small")
+        model = gv.build(arch if arch in gv.CONFIGS else "small")   # else (a file path): assumed "small"
         model.load_state_dict(state["model"])
         return model.eval()
     return gv.load(name).eval()

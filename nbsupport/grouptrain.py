@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from . import entropy as ent
 from . import groupvit as gv
 from . import text as textmod
+from .data.synthetic import OBJECT_SCALE
 
 log = logging.getLogger(__name__)
 
@@ -280,11 +281,12 @@ def _collate(batch):
 
 
 def synthetic_captions(n_images: int, seed: int = 0, size: int = 64, split: str = "train", n_objects=(1, 3),
-                       scale=(0.2, 0.45)) -> Path:
+                       scale=OBJECT_SCALE) -> Path:
     """The cached synthetic world split (``captions_<split>.json`` path; images under ``images/``);
     ``scale``: object diameters as fractions of the image side (:func:`nbsupport.data.synthetic.render_scene`)."""
     from .data.synthetic import synthetic_dataset
-    kw = {} if tuple(scale) == (0.2, 0.45) else {"scale": tuple(float(x) for x in scale)}
+    scale = tuple(float(x) for x in scale)
+    kw = {} if scale == OBJECT_SCALE else {"scale": scale}       # the default keeps the plain world's cache key
     return synthetic_dataset(n_images=n_images, seed=seed, size=size, split=split,
                              n_objects=tuple(n_objects), **kw) / f"captions_{split}.json"
 
@@ -349,8 +351,8 @@ class TrainConfig:
     n_train: int = 512              # synthetic training scenes
     min_objects: int = 1            # objects per synthetic training scene (validation always uses 1-3)
     max_objects: int = 3
-    min_object_scale: float = 0.2   # synthetic training objects' diameter / image side (validation: 0.2-0.45)
-    max_object_scale: float = 0.45
+    min_object_scale: float = OBJECT_SCALE[0]   # synthetic training objects' diameter / image side (validation:
+    max_object_scale: float = OBJECT_SCALE[1]   # always the world's default, synthetic.OBJECT_SCALE)
     image_size: int = 64            # training resolution (the thesis: 224, then 384)
     augment: str = "none"           # none | crop
     epochs: int = 2

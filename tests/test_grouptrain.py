@@ -349,7 +349,7 @@ def test_training_scenes_take_an_object_scale(tmp_path, monkeypatch):
         return sum(a["area"] for a in d["annotations"]) / (len(d["images"]) * 48 * 48)
 
     plain = gt.synthetic_captions(24, 0, 48, "train", (1, 1))
-    assert plain == gt.synthetic_captions(24, 0, 48, "train", (1, 1), (0.2, 0.45))
+    assert plain == gt.synthetic_captions(24, 0, 48, "train", (1, 1), [0.2, 0.45])
     big = gt.synthetic_captions(24, 0, 48, "train", (1, 1), (0.5, 0.8))
     assert big != plain and coverage(big) > 2.5 * coverage(plain)
 

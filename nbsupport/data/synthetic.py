@@ -76,6 +76,8 @@ CLASSES = (
 BACKGROUNDS = ("gravel", "grass", "sand", "water", "wood")
 #: Fixed seed-stream codes of the usual splits (other split names get a CRC32 code), so splits never share scenes.
 SPLITS = {"train": 0, "val": 1, "test": 2}
+#: Default object diameters (min, max) as fractions of the image side; validation scenes always use these.
+OBJECT_SCALE = (0.2, 0.45)
 #: Default minimum visible fraction of an object under ``overlap="allowed"`` (see :func:`render_scene`).
 MIN_VISIBLE = 0.25
 _MIN_PIXELS = 16  # an object must cover at least this many pixels of the frame
@@ -359,7 +361,7 @@ def _count_range(n_objects) -> tuple[int, int]:
     return lo, hi
 
 
-def render_scene(rng_or_seed=0, size: int = 128, n_objects=(1, 3), scale=(0.2, 0.45), overlap: str = "none",
+def render_scene(rng_or_seed=0, size: int = 128, n_objects=(1, 3), scale=OBJECT_SCALE, overlap: str = "none",
                  classes=None, backgrounds=None, min_visible: float = MIN_VISIBLE, max_tries: int = 50,
                  noise: float = 0.012) -> Scene:
     """Render one scene; a few ms at 128 px.
