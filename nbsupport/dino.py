@@ -441,12 +441,18 @@ class MultiCrop:
             box.append(float(k))
         return c, box
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator):
-        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    def __call__(self, image, rng: np.random.Generator):
+        """``image``: one uint8 ``[H, W, 3]`` array, or a list of them showing one scene in several
+        appearances (same geometry): global crop ``k`` is cut from ``image[k % n]``, the local crops from
+        ``image[-1]``."""
+        views = [image] if isinstance(image, np.ndarray) else list(image)
+        ts = [torch.from_numpy(np.ascontiguousarray(v)).permute(2, 0, 1) for v in views]
+        if len({tuple(t.shape) for t in ts}) != 1:
+            raise ValueError(f"the appearances of one image must have one shape, got {[tuple(t.shape) for t in ts]}")
         crops, boxes, masks = [], [], []
         g = self.global_size // self.patch
         for k in range(2):
-            c, b = self._crop(t, rng, self.global_size, self.global_scale)
+            c, b = self._crop(ts[k % len(ts)], rng, self.global_size, self.global_scale)
             crops.append((self.first if k == 0 else self.second)(c))
             boxes.append(b)
             m = np.zeros((g, g), bool)
@@ -454,7 +460,7 @@ class MultiCrop:
                 m = block_mask(rng, g, g, rng.uniform(min(0.1, self.mask_ratio), self.mask_ratio))
             masks.append(torch.from_numpy(m))
         for _ in range(self.n_local):
-            c, b = self._crop(t, rng, self.local_size, self.local_scale)
+            c, b = self._crop(ts[-1], rng, self.local_size, self.local_scale)
             crops.append(self.first(c))
             boxes.append(b)
         return crops, torch.tensor(boxes, dtype=torch.float32), masks
@@ -466,19 +472,38 @@ class CropBatches(torch.utils.data.IterableDataset):
     with ``files``, file ``perm_e[i mod n]`` of a per-epoch seeded permutation. Every random choice for
     image ``i`` is seeded by ``(seed, i)``, so a step always sees the same crops: exact resume with any
     number of workers (worker ``w`` makes batches ``w, w + workers, ...``, which the DataLoader reads in
-    order). Yields ``(crops: V x [B,3,S,S], boxes: V x [B,5], masks: 2 x [B,h,w])``."""
+    order). Yields ``(crops: V x [B,3,S,S], boxes: V x [B,5], masks: 2 x [B,h,w])``.
+
+    ``appearance`` (synthetic world only): ``"shared"`` - every crop is cut from one rendering of the scene;
+    ``"per-view"`` - the scene is rendered three times with the same geometry and texture patterns but its
+    own background and object colours (``render_scene(appearance=...)``): one rendering per global crop and
+    one for the local crops. Not in the thesis: it removes the shortcut a tiny DINO learns first on this
+    world, an image "fingerprint" (background and palette shared by all crops of an image), so that what
+    the views share is the objects. It uses no labels, but only a renderer can do it."""
+
+    APPEARANCES = ("shared", "per-view")
 
     def __init__(self, transform: MultiCrop, batch_size: int, size: int = 64, seed: int = 0, start_batch: int = 0,
-                 rank: int = 0, world: int = 1, files=None):
+                 rank: int = 0, world: int = 1, files=None, appearance: str = "shared"):
+        if appearance not in self.APPEARANCES:
+            raise ValueError(f"appearance must be one of {self.APPEARANCES}, got {appearance!r}")
+        if appearance != "shared" and files is not None:
+            raise ValueError("appearance='per-view' needs the synthetic world (it re-renders scenes); "
+                             "an image folder has one appearance per image")
         self.transform, self.batch_size, self.size, self.seed = transform, batch_size, size, seed
         self.start_batch, self.rank, self.world = start_batch, rank, world
         self.files = list(files) if files is not None else None
+        self.appearance = appearance
 
-    def image(self, i: int) -> np.ndarray:
-        """uint8 ``[H, W, 3]`` image number ``i`` of the stream."""
+    def image(self, i: int):
+        """uint8 ``[H, W, 3]`` image number ``i`` of the stream (a list of 3 with ``appearance="per-view"``)."""
         if self.files is None:
             from .data.synthetic import render_scene, scene_rng
 
+            if self.appearance == "per-view":
+                return [render_scene(scene_rng(self.seed, "train", i), size=self.size,
+                                     appearance=np.random.default_rng([self.seed, 11, i, v])).image
+                        for v in range(3)]
             return render_scene(scene_rng(self.seed, "train", i), size=self.size).image
         from .data import ImageLoadError, load_image
 
@@ -534,6 +559,7 @@ class Config:
     local_scale_min: float = 0.05
     local_scale_max: float = 0.4
     color: float = 1.0            # colour-augmentation strength (0 = none)
+    appearance: str = "shared"    # shared | per-view (synthetic world: each view re-rendered in new colours)
     rotate: float = 0.0           # probability of a random quarter turn per crop (0 = off)
     out_dim: int = 1024
     head_hidden: int = 512
@@ -697,7 +723,7 @@ def train(cfg: Config, resume: bool = True, log=print, max_steps: int | None = N
     crop = MultiCrop(cfg.image_size, cfg.local_size, cfg.n_local, cfg.patch_size, (cfg.global_scale_min, 1.0),
                      (cfg.local_scale_min, cfg.local_scale_max), cfg.color, cfg.mask_ratio, rotate=cfg.rotate)
     data = CropBatches(crop, cfg.batch_size, cfg.image_size, cfg.seed, start_batch=step, rank=rank, world=world,
-                       files=files)
+                       files=files, appearance=cfg.appearance)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda")
     stop = min(cfg.steps, max_steps if max_steps is not None else cfg.steps)

@@ -327,3 +327,31 @@ def test_dense_image_centering_ignores_what_every_patch_of_an_image_shares():
     # a teacher whose patches only differ by image gives uniform targets: nothing to learn from it
     q = centred.targets([s.expand(2, 3, 3, 8) for s in shared], 0.1)
     assert torch.allclose(q[0], torch.full_like(q[0], 1 / 8), atol=1e-5)
+
+
+def test_multicrop_cuts_each_view_from_its_appearance():
+    """A list of renderings: global crop k comes from image k, the local crops from the last one."""
+    imgs = [np.full((64, 64, 3), v, np.uint8) for v in (40, 120, 200)]
+    crops, boxes, _ = dino.MultiCrop(32, 16, 2, 8, color=0.0)(imgs, np.random.default_rng(0))
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    seen = [round(float(((c * std + mean) * 255).mean())) for c in crops]
+    assert seen == [40, 120, 200, 200]
+    with pytest.raises(ValueError, match="one shape"):
+        dino.MultiCrop(32, 16, 2, 8)([imgs[0], imgs[1][:32]], np.random.default_rng(0))
+
+
+def test_per_view_appearance_stream():
+    mc = dino.MultiCrop(32, 16, 2, 8, color=0.0)
+    per_view = dino.CropBatches(mc, 2, 32, seed=4, appearance="per-view")
+    views = per_view.image(3)
+    assert len(views) == 3 and all(v.shape == (32, 32, 3) for v in views)
+    assert all(np.abs(views[i].astype(float) - views[j]).mean() > 5 for i, j in ((0, 1), (0, 2), (1, 2)))
+    a, b = per_view.batch(1), per_view.batch(1)  # still exactly reproducible
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    shared = dino.CropBatches(mc, 2, 32, seed=4).batch(1)
+    assert all(torch.equal(x, y) for x, y in zip(a[1], shared[1]))  # same crop geometry ...
+    assert not torch.equal(a[0][0], shared[0][0])  # ... in other colours
+    with pytest.raises(ValueError, match="appearance must be one of"):
+        dino.CropBatches(mc, 2, 32, appearance="mixed")
+    with pytest.raises(ValueError, match="synthetic world"):
+        dino.CropBatches(mc, 2, 32, files=["a.png"], appearance="per-view")

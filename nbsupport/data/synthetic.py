@@ -363,7 +363,7 @@ def _count_range(n_objects) -> tuple[int, int]:
 
 def render_scene(rng_or_seed=0, size: int = 128, n_objects=(1, 3), scale=OBJECT_SCALE, overlap: str = "none",
                  classes=None, backgrounds=None, min_visible: float = MIN_VISIBLE, max_tries: int = 50,
-                 noise: float = 0.012) -> Scene:
+                 noise: float = 0.012, appearance=None) -> Scene:
     """Render one scene; a few ms at 128 px.
 
     ``rng_or_seed``: a ``numpy.random.Generator`` or an int seed. ``n_objects``: int or inclusive
@@ -375,6 +375,12 @@ def render_scene(rng_or_seed=0, size: int = 128, n_objects=(1, 3), scale=OBJECT_
     annotations and every object pixel is labelled (``min_visible=0`` allows any occlusion short of
     ``16`` visible pixels). ``classes``: subset (ids or nouns);
     ``backgrounds``: subset of :data:`BACKGROUNDS`. ``noise``: std of the final pixel noise.
+    ``appearance``: ``None`` (one random stream for everything: the world's scenes) or a second
+    ``Generator`` / int seed from which the background (kind and field), the objects' colour pairs and the
+    pixel noise are drawn. Geometry, classes and texture patterns then come from ``rng_or_seed`` alone, so
+    two calls with one geometry seed and two appearance seeds draw the same objects with the same patterns
+    in the same places, on different backgrounds and in different colours: the tiny DINO's views
+    (``nbsupport.dino``, ``appearance="per-view"``). Default scenes do not change.
     """
     if overlap not in ("none", "allowed"):
         raise ValueError(f"overlap must be 'none' or 'allowed', got {overlap!r}")
@@ -395,10 +401,14 @@ def render_scene(rng_or_seed=0, size: int = 128, n_objects=(1, 3), scale=OBJECT_
     if bad or not bgs:
         raise ValueError(f"backgrounds must be a non-empty subset of {BACKGROUNDS}, got {backgrounds!r}")
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
+    if appearance is None:
+        look = rng
+    else:
+        look = appearance if isinstance(appearance, np.random.Generator) else np.random.default_rng(appearance)
 
     size = int(size)
-    bg = bgs[int(rng.integers(len(bgs)))]
-    img = _background(rng, bg, size)
+    bg = bgs[int(look.integers(len(bgs)))]
+    img = _background(look, bg, size)
     owner = np.full((size, size), -1, np.int32)  # index of the object visible at each pixel
     areas: list[int] = []  # in-frame area of each placed object
     cats: list[int] = []
@@ -435,7 +445,7 @@ def render_scene(rng_or_seed=0, size: int = 128, n_objects=(1, 3), scale=OBJECT_
         if placed is None:
             continue  # could not place this object within max_tries
         y0, y1, x0, x1, u, v, r, sd, inside, area = placed
-        c1, c2 = _colour_pair(rng)
+        c1, c2 = _colour_pair(look)
         p = _texture(rng, cls.texture, u, v, r)[..., None]
         alpha = np.clip(0.5 - sd, 0, 1)[..., None]
         colour = c1 * (1 - p) + c2 * p
@@ -444,7 +454,7 @@ def render_scene(rng_or_seed=0, size: int = 128, n_objects=(1, 3), scale=OBJECT_
         areas.append(area)
         cats.append(cls.id)
     if noise > 0:
-        img = img + rng.normal(0, noise, img.shape)
+        img = img + look.normal(0, noise, img.shape)
     image = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
 
     k = len(cats)
