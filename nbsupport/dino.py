@@ -826,7 +826,8 @@ def add_cli(subparsers) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f, v in asdict(Config()).items():
         typ = cli_bool if isinstance(v, bool) else type(v)
-        t.add_argument(f"--{f.replace('_', '-')}", type=typ, default=v)
+        choices = {"appearance": CropBatches.APPEARANCES, "centering": ("center", "sinkhorn")}.get(f)
+        t.add_argument(f"--{f.replace('_', '-')}", type=typ, default=v, choices=choices)
     t.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
     t.add_argument("--max-steps", type=int, default=None, help="stop early (schedules still span --steps)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop after this wall-clock time")

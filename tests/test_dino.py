@@ -355,3 +355,12 @@ def test_per_view_appearance_stream():
         dino.CropBatches(mc, 2, 32, appearance="mixed")
     with pytest.raises(ValueError, match="synthetic world"):
         dino.CropBatches(mc, 2, 32, files=["a.png"], appearance="per-view")
+
+
+@pytest.mark.parametrize("flag", ["--appearance", "--centering"])
+def test_cli_rejects_unknown_choices(flag, capsys):
+    from nbsupport.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["dino", "train", flag, "mixed"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
