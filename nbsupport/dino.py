@@ -138,6 +138,10 @@ def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+#: Teacher-target schemes of the CLS and patch terms: EMA centre + sharpen (DINO), or Sinkhorn-Knopp (DINOv2).
+CENTERINGS = ("center", "sinkhorn")
+
+
 @torch.no_grad()
 def sinkhorn_knopp(logits: torch.Tensor, temp: float, iters: int = 3) -> torch.Tensor:
     """Balanced teacher targets ``[N, K]`` (SwAV / DINOv2 "Sinkhorn-Knopp centering"): rows of
@@ -174,7 +178,7 @@ class DINOLoss(nn.Module):
     def __init__(self, out_dim: int, n_crops: int, student_temp: float = 0.1, center_momentum: float = 0.9,
                  centering: str = "center"):
         super().__init__()
-        if centering not in ("center", "sinkhorn"):
+        if centering not in CENTERINGS:
             raise ValueError(f"centering must be 'center' or 'sinkhorn', got {centering!r}")
         self.n_crops, self.student_temp, self.center_momentum = n_crops, student_temp, center_momentum
         self.centering = centering
@@ -269,7 +273,7 @@ class DensePatchLoss(nn.Module):
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
                  centering: str = "center", image_center: bool = False):
         super().__init__()
-        if centering not in ("center", "sinkhorn"):
+        if centering not in CENTERINGS:
             raise ValueError(f"centering must be 'center' or 'sinkhorn', got {centering!r}")
         self.student_temp, self.center_momentum, self.centering = student_temp, center_momentum, centering
         self.image_center = image_center
@@ -601,7 +605,7 @@ def resolve_arch(cfg: Config) -> Config:
             setattr(cfg, k, v)
     elif cfg.arch != "custom":
         raise ValueError(f"arch must be one of custom, {', '.join(ARCHS)}; got {cfg.arch!r}")
-    if cfg.centering not in ("center", "sinkhorn"):
+    if cfg.centering not in CENTERINGS:
         raise ValueError(f"centering must be 'center' or 'sinkhorn', got {cfg.centering!r}")
     if cfg.embed_dim % cfg.num_heads:
         raise ValueError(f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}")
@@ -826,7 +830,7 @@ def add_cli(subparsers) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f, v in asdict(Config()).items():
         typ = cli_bool if isinstance(v, bool) else type(v)
-        choices = {"appearance": CropBatches.APPEARANCES, "centering": ("center", "sinkhorn")}.get(f)
+        choices = {"appearance": CropBatches.APPEARANCES, "centering": CENTERINGS}.get(f)
         t.add_argument(f"--{f.replace('_', '-')}", type=typ, default=v, choices=choices)
     t.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
     t.add_argument("--max-steps", type=int, default=None, help="stop early (schedules still span --steps)")
