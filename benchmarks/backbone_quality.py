@@ -6,6 +6,11 @@ For each backbone (names or checkpoint paths) and its seeded random-init twin:
 3. best-buddies precision: fraction of salient best-buddy pairs between two scenes sharing a class
    that land on the same class.
 
+A last row gives MaskCut's ceiling at that size: the AP when the "keys" are the ground-truth class of
+each patch (one-hot, plus 0.1 seeded noise so the cut is well posed). At 64 px (an 8 x 8 grid for /8
+models, objects 2-4 patches wide) it is only about 24 AP50, so a +10 AP50 gain there asks for nearly
+perfect features; at 128 px (16 x 16) it is about 68. Measure at 128 px (``--size 128``).
+
     python benchmarks/backbone_quality.py tiny_dino_synth [path.safetensors ...] --size 64 --images 48
 """
 from __future__ import annotations
@@ -51,6 +56,26 @@ def evaluate(model, size: int, n_images: int, tau, seed: int = 0) -> dict:
             "BB precision": float(np.mean(precs)) if precs else float("nan")}
 
 
+def oracle(size: int, n_images: int, tau, seed: int = 0, patch: int = 8, noise: float = 0.1) -> dict:
+    """MaskCut mask AP / AP50 on ground-truth features: one-hot semantic class per ``patch`` cell (background
+    its own class) plus ``noise`` x N(0, 1), seeded. An upper bound of what any backbone's keys can give."""
+    from nbsupport import affinity, maskcut as mc, metrics
+    from nbsupport.data import CocoInstances
+    from nbsupport.data.synthetic import CLASSES, synthetic_dataset
+
+    root = synthetic_dataset(n_images=n_images, seed=seed, size=size, split="val")
+    coco = CocoInstances(root / "instances_val.json")
+    g = size // patch
+    sem = np.stack([affinity.labels_on_grid(coco.semantic_mask(i), (g, g), min_fraction=0.0) for i in coco.image_ids])
+    feats = np.eye(len(CLASSES) + 1)[sem] + noise * np.random.default_rng(seed).standard_normal(sem.shape + (len(CLASSES) + 1,))
+    pm = mc.maskcut(torch.tensor(feats, dtype=torch.float32), 3, tau)
+    dets = []
+    for image_id, m in zip(coco.image_ids, pm):
+        dets += mc.coco_annotations(mc.pixel_masks(m.numpy(), (size, size), (size, size)), image_id)
+    ap = metrics.coco_ap(coco.coco.dataset, dets)
+    return {"mask AP": ap["AP"], "mask AP50": ap["AP50"]}
+
+
 def main():
     from nbsupport import backbones
 
@@ -68,6 +93,8 @@ def main():
             r = evaluate(m, args.size, args.images, tau)
             print(f"{backbones.describe(m)[:44]:<44} {r['patch AUC']:>9.3f} {r['overlap']:>8.3f} {r['mask AP']:>8.1f} "
                   f"{r['mask AP50']:>6.1f} {r['BB precision']:>8.3f}")
+    r = oracle(args.size, args.images, tau)
+    print(f"{'ceiling: ground-truth class one-hot keys':<44} {'':>9} {'':>8} {r['mask AP']:>8.1f} {r['mask AP50']:>6.1f}")
 
 
 if __name__ == "__main__":

@@ -556,10 +556,12 @@ class Config:
     depth: int = 4
     num_heads: int = 4
     data: str = "synthetic"       # synthetic | path to an image folder
-    image_size: int = 64          # global crop size (and synthetic scene size)
+    image_size: int = 64          # global crop size (and synthetic scene size unless scene_size is set)
+    scene_size: int = 0           # synthetic world: render scenes at this size (0 = image_size); crops are resized
     local_size: int = 32
     n_local: int = 4
     global_scale_min: float = 0.4
+    global_scale_max: float = 1.0
     local_scale_min: float = 0.05
     local_scale_max: float = 0.4
     color: float = 1.0            # colour-augmentation strength (0 = none)
@@ -609,6 +611,12 @@ def resolve_arch(cfg: Config) -> Config:
         raise ValueError(f"centering must be 'center' or 'sinkhorn', got {cfg.centering!r}")
     if cfg.embed_dim % cfg.num_heads:
         raise ValueError(f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}")
+    if not 0 < cfg.global_scale_min <= cfg.global_scale_max <= 1:
+        raise ValueError(f"need 0 < global_scale_min <= global_scale_max <= 1, got "
+                         f"{cfg.global_scale_min} and {cfg.global_scale_max}")
+    if cfg.scene_size < 0 or (cfg.scene_size and cfg.data != "synthetic"):
+        raise ValueError(f"scene_size={cfg.scene_size}: a positive render size for the synthetic world only "
+                         "(0 = image_size)")
     if cfg.mask_ratio > 0 and cfg.dense_weight <= 0:
         raise ValueError("mask_ratio > 0 needs dense_weight > 0 (masked patches are trained by the patch term)")
     return cfg
@@ -627,6 +635,17 @@ def schedules(cfg: Config, world: int = 1) -> dict[str, np.ndarray]:
             "wd": cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, n),
             "momentum": cosine_schedule(cfg.momentum, 1.0, n),
             "teacher_temp": temp}
+
+
+def crop_stream(cfg: Config, start_batch: int = 0, rank: int = 0, world: int = 1, files=None) -> CropBatches:
+    """The multi-crop batches a run with ``cfg`` trains on: synthetic scenes rendered at ``scene_size``
+    (``image_size`` when 0), or the image ``files``; global crops of ``image_size`` pixels cut at area scale
+    ``[global_scale_min, global_scale_max]`` and resized, local crops of ``local_size``."""
+    crop = MultiCrop(cfg.image_size, cfg.local_size, cfg.n_local, cfg.patch_size,
+                     (cfg.global_scale_min, cfg.global_scale_max), (cfg.local_scale_min, cfg.local_scale_max),
+                     cfg.color, cfg.mask_ratio, rotate=cfg.rotate)
+    return CropBatches(crop, cfg.batch_size, cfg.scene_size or cfg.image_size, cfg.seed, start_batch=start_batch,
+                       rank=rank, world=world, files=files, appearance=cfg.appearance)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -724,10 +743,7 @@ def train(cfg: Config, resume: bool = True, log=print, max_steps: int | None = N
         from .data import list_images
 
         files = list_images(cfg.data)
-    crop = MultiCrop(cfg.image_size, cfg.local_size, cfg.n_local, cfg.patch_size, (cfg.global_scale_min, 1.0),
-                     (cfg.local_scale_min, cfg.local_scale_max), cfg.color, cfg.mask_ratio, rotate=cfg.rotate)
-    data = CropBatches(crop, cfg.batch_size, cfg.image_size, cfg.seed, start_batch=step, rank=rank, world=world,
-                       files=files, appearance=cfg.appearance)
+    data = crop_stream(cfg, start_batch=step, rank=rank, world=world, files=files)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda")
     stop = min(cfg.steps, max_steps if max_steps is not None else cfg.steps)

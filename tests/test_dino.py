@@ -357,6 +357,33 @@ def test_per_view_appearance_stream():
         dino.CropBatches(mc, 2, 32, files=["a.png"], appearance="per-view")
 
 
+def test_scene_size_renders_larger_scenes_and_crops_at_native_scale():
+    """scene_size: scenes rendered at 64 px; 32-px global crops of area scale [0.25, 0.25] cover 32^2 source
+    pixels (native scale, up to the aspect jitter), locals come from the same 64-px scene; 0 keeps scene =
+    image size."""
+    cfg = dino.Config(image_size=32, local_size=16, n_local=2, batch_size=2, scene_size=64, color=0.0,
+                      global_scale_min=0.25, global_scale_max=0.25, local_scale_min=0.0625, local_scale_max=0.0625)
+    stream = dino.crop_stream(dino.resolve_arch(cfg))
+    assert stream.size == 64 and stream.image(0).shape == (64, 64, 3)
+    crops, boxes, _ = stream.batch(0)
+    assert [tuple(c.shape[-2:]) for c in crops] == [(32, 32)] * 2 + [(16, 16)] * 2
+    for v, side in enumerate([32, 32, 16, 16]):
+        top, left, h, w = boxes[v][:, :4].unbind(-1)
+        assert torch.allclose(h * w, torch.full_like(h, side ** 2), rtol=0.1)
+        assert bool((top >= 0).all() and (left >= 0).all() and (top + h <= 64).all() and (left + w <= 64).all())
+    # the global crop shows its box of the 64-px rendering (same mean colour per channel)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    t, l, h, w = (int(x) for x in boxes[0][0, :4])
+    window = torch.from_numpy(stream.image(0)[t:t + h, l:l + w]).permute(2, 0, 1).float()
+    seen = (crops[0][0] * std + mean) * 255
+    assert torch.allclose(seen.mean((1, 2)), window.mean((1, 2)), atol=2.0)
+    assert dino.crop_stream(dino.Config(image_size=32, local_size=16)).size == 32
+    with pytest.raises(ValueError, match="scene_size"):
+        dino.resolve_arch(dino.Config(scene_size=128, data="some/folder"))
+    with pytest.raises(ValueError, match="global_scale_max"):
+        dino.resolve_arch(dino.Config(global_scale_min=0.6, global_scale_max=0.5))
+
+
 @pytest.mark.parametrize("flag", ["--appearance", "--centering"])
 def test_cli_rejects_unknown_choices(flag, capsys):
     from nbsupport.__main__ import main
