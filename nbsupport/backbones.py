@@ -308,8 +308,9 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", download:
         path = paths.data_dir() / SHIPPED[name]
         if not path.is_file():
             raise WeightsUnavailableError(
-                f"{name!r} is reserved for the tiny DINO trained on the synthetic world; its weights "
-                f"{path} are not shipped yet. Use 'random_vits8' offline or an official DINO name.")
+                f"{name!r} is the tiny DINO trained on the synthetic world, shipped in the repository as "
+                f"{path}, and that file is missing: restore it (git checkout -- data/weights) or retrain it "
+                f"(README, 'Tiny DINO'). Use 'random_vits8' offline or an official DINO name meanwhile.")
         return _load_path(path, device, name=name, label=f"tiny DINO (synthetic world)")
     p = Path(name).expanduser()
     if p.suffix in (".pth", ".pt", ".safetensors") or p.exists():

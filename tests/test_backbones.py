@@ -169,5 +169,26 @@ def test_bad_checkpoints(tmp_path):
 
 def test_reserved_shipped_name_gives_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(backbones.SHIPPED, "tiny_dino_synth", "weights/definitely_missing.safetensors")
-    with pytest.raises(backbones.WeightsUnavailableError, match="random_vits8"):
+    with pytest.raises(backbones.WeightsUnavailableError, match="definitely_missing.safetensors.*random_vits8"):
         backbones.load("tiny_dino_synth")
+
+
+def test_shipped_tiny_dino_loads_by_name_offline():
+    """The tiny DINO ships in data/weights: it loads by name, has the recipe's architecture (4 blocks of
+    width 128, patch 8), runs at 128 px (position embeddings interpolated from its 64-px training grid),
+    carries its training command, and is not its random-init twin."""
+    from safetensors import safe_open
+
+    from nbsupport import features, paths
+
+    m = backbones.load("tiny_dino_synth")
+    info = m.nbs_info
+    assert (info["patch_size"], info["embed_dim"], info["depth"], info["num_heads"]) == (8, 128, 4, 4)
+    assert info["pretrained"] and "tiny DINO" in backbones.describe(m)
+    keys = features.extract(m, torch.rand(1, 3, 128, 128), "key", -1)
+    assert keys.shape == (1, 16, 16, 128) and torch.isfinite(keys).all()
+    twin = backbones.random_like(m)
+    assert not torch.allclose(m.blocks[0].attn.qkv.weight, twin.blocks[0].attn.qkv.weight)
+    with safe_open(str(paths.data_dir() / backbones.SHIPPED["tiny_dino_synth"]), "pt") as f:
+        meta = f.metadata()
+    assert meta["command"].startswith("python -m nbsupport dino train") and "--scene-size 128" in meta["command"]

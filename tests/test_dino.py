@@ -357,6 +357,24 @@ def test_per_view_appearance_stream():
         dino.CropBatches(mc, 2, 32, files=["a.png"], appearance="per-view")
 
 
+def test_koleo_hand_case_and_gradient():
+    # unit vectors at 0, 90 and 180 degrees: every nearest neighbour is sqrt(2) away
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    assert math.isclose(float(dino.koleo_loss(x)), -math.log(math.sqrt(2)), rel_tol=1e-5)
+    # scale does not matter (rows are normalised); a near-duplicate dominates the loss
+    assert math.isclose(float(dino.koleo_loss(5 * x)), float(dino.koleo_loss(x)), rel_tol=1e-5)
+    y = torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0]], requires_grad=True)
+    loss = dino.koleo_loss(y)
+    assert loss.item() > 2.0
+    loss.backward()
+    assert torch.isfinite(y.grad).all()
+    with torch.no_grad():  # a gradient step pulls the near-duplicates apart
+        z = torch.nn.functional.normalize(y - 0.1 * y.grad, dim=-1)
+    assert float((z[0] - z[1]).norm()) > 0.01
+    with pytest.raises(ValueError, match="2 rows"):
+        dino.koleo_loss(x[:1])
+
+
 def test_scene_size_renders_larger_scenes_and_crops_at_native_scale():
     """scene_size: scenes rendered at 64 px; 32-px global crops of area scale [0.25, 0.25] cover 32^2 source
     pixels (native scale, up to the aspect jitter), locals come from the same 64-px scene; 0 keeps scene =
@@ -391,3 +409,15 @@ def test_cli_rejects_unknown_choices(flag, capsys):
     with pytest.raises(SystemExit) as e:
         main(["dino", "train", flag, "mixed"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_shipped_tiny_dino_beats_its_random_twin_on_maskcut():
+    """The shipped tiny DINO finds objects: class-agnostic MaskCut AP50 on 48 synthetic validation scenes at
+    128 px is far above its random-init twin's (measured 51.2 vs 32.1; 62.1 vs 37.0 and 48.2 vs 37.3 on two
+    other 48-scene sets; 54.9 vs 41.0 on 200 scenes). The full three-measure comparison is
+    benchmarks/backbone_quality.py."""
+    model = backbones.load("tiny_dino_synth")
+    trained = dino.backbone_quality(model, 128, 48, seed=0)
+    floor = dino.backbone_quality(backbones.random_like(model), 128, 48, seed=0)
+    assert trained["mask AP50"] > floor["mask AP50"] + 10
+    assert trained["mask AP"] > floor["mask AP"] + 4
