@@ -230,6 +230,20 @@ def maskcut(features: torch.Tensor, n_masks: int = 3, tau=0.15, eps: float = 1e-
     return out[0] if single else out
 
 
+def auto_tau(model):
+    """The threshold ``tau="auto"`` means for ``model`` (a :func:`nbsupport.backbones.load` result): the
+    reference 0.15 for official DINO weights (a registered official name or an official ``.pth``), for which
+    it was tuned; ``"median"`` for everything else. Random-init keys are often nearly parallel, and those of
+    the tiny DINO trained here share a large common component (every pairwise cosine above 0.3, median
+    0.999): with a fixed threshold their graph is complete and the cut follows position, not objects."""
+    from . import backbones
+
+    info = getattr(model, "nbs_info", {})
+    name = str(info.get("name", ""))
+    official = name in backbones.OFFICIAL or (info.get("pretrained") and name.endswith((".pth", ".pt")))
+    return 0.15 if official else "median"
+
+
 # --------------------------------------------------------------------------------------------------
 # Pixel masks and COCO export
 
@@ -378,7 +392,7 @@ def run_cli(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load(args.backbone, device=device)
     patch = model.nbs_info["patch_size"]
-    tau = args.tau if args.tau == "median" else float(args.tau)
+    tau = auto_tau(model) if args.tau == "auto" else args.tau if args.tau == "median" else float(args.tau)
     fail_after = int(os.environ.get("NBSUPPORT_MASKCUT_FAIL_AFTER", "0"))  # test hook: simulate a crash
     from tqdm.auto import tqdm
 
@@ -454,7 +468,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", required=True, help="output COCO instances JSON")
     p.add_argument("--backbone", default="dino_vitb8", help="backbone name or checkpoint path (reference: dino_vitb8)")
     p.add_argument("--n-masks", type=int, default=3)
-    p.add_argument("--tau", default="0.15", help="affinity threshold, or 'median'")
+    p.add_argument("--tau", default="auto", help="affinity threshold, 'median', or 'auto' (auto_tau: 0.15 for "
+                   "official DINO weights, as the reference; 'median' otherwise)")
     p.add_argument("--size", type=int, default=480, help="square input size (reference: 480)")
     p.add_argument("--crf", action="store_true", help="CRF refinement (needs pydensecrf2)")
     p.add_argument("--shard", help="i/n: process every n-th image starting at i")

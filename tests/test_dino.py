@@ -307,9 +307,13 @@ def test_cli_trains_and_exports(tmp_path):
     args = ["dino", "train", "--out", str(out), "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
             "--image-size", "32", "--local-size", "16", "--n-local", "1", "--out-dim", "32", "--head-hidden", "32",
             "--head-bottleneck", "16", "--batch-size", "2", "--steps", "10", "--max-steps", "2",
-            "--warmup-steps", "1", "--dense-weight", "0.5"]
+            "--warmup-steps", "1", "--dense-weight", "0.5", "--koleo-weight", "0.1", "--scene-size", "48"]
     assert main(args) == 0
-    assert json.loads((out / "config.json").read_text())["dense_weight"] == 0.5
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["dense_weight"], cfg["koleo_weight"], cfg["scene_size"]) == (0.5, 0.1, 48)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # batch of 2: KoLeo = -log of the distance between the two normalised CLS features, in (-log 2, inf)
+    assert all(math.isfinite(r["koleo_loss"]) and r["koleo_loss"] > -math.log(2) and r["koleo_loss"] != 0 for r in rows)
     assert main(["dino", "export", str(out / "checkpoint.pth"), "--out", str(tmp_path / "w.safetensors")]) == 0
     assert backbones.load(tmp_path / "w.safetensors").nbs_info["embed_dim"] == 32
 
