@@ -162,23 +162,36 @@ def se_loss(a_st: torch.Tensor, pad: torch.Tensor | None = None, w_groups: float
     return (w_groups * rows + w_labels * cols).mean()
 
 
-def dino_similarity(feats: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of DINO patch features ``[B, N, D]`` (or ``[B, h, w, D]``) -> ``DINOsim [B, N, N]``."""
-    f = F.normalize(feats.reshape(feats.shape[0], -1, feats.shape[-1]).float(), dim=-1)
+def dino_similarity(feats: torch.Tensor, center: bool = False) -> torch.Tensor:
+    """Cosine similarity of DINO patch features ``[B, N, D]`` (or ``[B, h, w, D]``) -> ``DINOsim [B, N, N]``.
+    ``center``: subtract each image's mean feature first, for backbones whose patch features share a large
+    common component (the tiny DINO's keys: every raw cosine near 1, so a softmax target would be flat)."""
+    f = feats.reshape(feats.shape[0], -1, feats.shape[-1]).float()
+    if center:
+        f = f - f.mean(1, keepdim=True)
+    f = F.normalize(f, dim=-1)
     return f @ f.transpose(1, 2)
 
 
 def dino_distillation_loss(attn: torch.Tensor, dino_sim: torch.Tensor, temperature: float = 1.0,
-                           reduction: str = "mean", eps: float = 1e-8) -> torch.Tensor:
+                           reduction: str = "mean", eps: float = 1e-8, row_normalize: bool = False) -> torch.Tensor:
     """Eq 52: ``-sum_ij softmax(DINOsim / t)_ij log((Attn^T Attn)_ij)`` with ``attn [B, G, N]`` (soft chained
     attention, Eq 32) and ``dino_sim [B, N, N]`` (row-wise softmax, teacher). ``reduction="sum"`` is Eq 52
-    per image (then the batch mean); ``"mean"`` divides by ``N`` (mean cross-entropy per row)."""
+    per image (then the batch mean); ``"mean"`` divides by ``N`` (mean cross-entropy per row).
+
+    As written, Eq 52 has a trivial minimum: with every patch in one group ``Attn^T Attn`` is all ones and
+    the loss is 0 whatever the target (entries are <= 1, so no grouping scores better). ``row_normalize``
+    (not in the thesis) divides each row of ``Attn^T Attn`` by its sum, making it a distribution, so the
+    loss is a proper cross-entropy: the one-group collapse then scores ``log N`` and a grouping that follows
+    DINO's affinity scores lower."""
     if attn.shape[-1] != dino_sim.shape[-1] or dino_sim.shape[-1] != dino_sim.shape[-2]:
         raise ValueError(f"attn {tuple(attn.shape)} and dino_sim {tuple(dino_sim.shape)} disagree on the patches")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     target = F.softmax(dino_sim.float() / temperature, dim=-1)
     student = attn.transpose(1, 2) @ attn                            # [B, N, N], entries in [0, 1]
+    if row_normalize:
+        student = student / student.sum(-1, keepdim=True).clamp_min(eps)
     ce = -(target * torch.log(student.clamp_min(eps))).sum((-1, -2))
     if reduction == "mean":
         ce = ce / attn.shape[-1]
@@ -379,6 +392,8 @@ class TrainConfig:
     w_balance: float = 0.0          # group usage balance (group_balance_loss; not in the thesis)
     dino_backbone: str = "random_tiny8"
     dino_layer: int = 9
+    dino_variant: str = "eq52"      # eq52 (thesis) | rownorm (row-normalised Attn^T Attn, per-image centred keys)
+    dino_temperature: float = 1.0   # softmax temperature of the DINO affinity target
     context_length: int = 77        # text tokens (shorter is faster for short captions)
     amp: bool = True                # autocast on CUDA only
     device: str = "auto"            # auto | cpu | cuda
@@ -400,6 +415,10 @@ class TrainConfig:
             raise ValueError("batch_size must be >= 2 (contrastive losses need negatives)")
         if self.epochs < 1:
             raise ValueError("epochs must be >= 1")
+        if self.dino_variant not in ("eq52", "rownorm"):
+            raise ValueError(f"dino_variant must be 'eq52' or 'rownorm', got {self.dino_variant!r}")
+        if self.dino_temperature <= 0:
+            raise ValueError(f"dino_temperature must be > 0, got {self.dino_temperature}")
 
 
 def _dist():
@@ -490,8 +509,10 @@ def compute_losses(model: gv.GroupViT, images: torch.Tensor, captions: list[str]
             if tuple(f.shape[1:3]) != tuple(out.grid):
                 f = F.interpolate(f.permute(0, 3, 1, 2), size=out.grid, mode="bilinear",
                                   align_corners=False).permute(0, 2, 3, 1)
-            sim = dino_similarity(f)
-        losses["dino"] = cfg.w_dino * dino_distillation_loss(out.attn, sim)
+            rownorm = cfg.dino_variant == "rownorm"
+            sim = dino_similarity(f, center=rownorm)
+        losses["dino"] = cfg.w_dino * dino_distillation_loss(out.attn, sim, cfg.dino_temperature,
+                                                             row_normalize=rownorm)
     losses["loss"] = sum(losses.values())
     return losses
 

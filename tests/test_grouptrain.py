@@ -142,6 +142,32 @@ def test_dino_distillation_hand_case():
         gt.dino_distillation_loss(attn, torch.zeros(1, 4, 4))
 
 
+def test_dino_distillation_collapse_and_row_normalised_variant():
+    sim = torch.tensor([[[1.0, 0.9, -0.5], [0.9, 1.0, -0.5], [-0.5, -0.5, 1.0]]])  # patches 0, 1 vs 2
+    one_group = torch.tensor([[[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]])
+    good = torch.tensor([[[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+    # Eq 52 as written: putting every patch in one group costs nothing, whatever DINO says
+    assert gt.dino_distillation_loss(one_group, sim).item() == pytest.approx(0.0, abs=1e-6)
+    assert gt.dino_distillation_loss(good, sim) > gt.dino_distillation_loss(one_group, sim)
+    # row-normalised: the collapse scores log N (uniform rows), the grouping that follows DINO scores lower
+    assert gt.dino_distillation_loss(one_group, sim, row_normalize=True).item() == pytest.approx(math.log(3), rel=1e-6)
+    soft = torch.tensor([[[0.9, 0.9, 0.1], [0.1, 0.1, 0.9]]])  # mostly patches 0, 1 vs patch 2
+    assert gt.dino_distillation_loss(soft, sim, row_normalize=True) < gt.dino_distillation_loss(one_group, sim, row_normalize=True)
+    # hand case: S = A^T A, rows divided by their sums, CE averaged over rows
+    S = soft[0].T @ soft[0]
+    want = -(sim[0].softmax(-1) * (S / S.sum(-1, keepdim=True)).log()).sum() / 3
+    got = gt.dino_distillation_loss(soft, sim, row_normalize=True)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    # centring: a shared component hides the structure from raw cosines, not from centred ones
+    base = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]])
+    f = base * 0.1 + torch.tensor([10.0, 10.0])
+    raw, centred = gt.dino_similarity(f), gt.dino_similarity(f, center=True)
+    assert raw.min() > 0.99
+    assert centred[0, 0, 1] == pytest.approx(1.0, abs=1e-5) and centred[0, 0, 2] == pytest.approx(-1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="dino_variant"):
+        gt.TrainConfig(dino_variant="other").validate()
+
+
 # ---------------------------------------------------------------------------------------------- model side
 @pytest.fixture(scope="module")
 def model():
