@@ -635,6 +635,10 @@ def resolve_arch(cfg: Config) -> Config:
                          "(0 = image_size)")
     if cfg.mask_ratio > 0 and cfg.dense_weight <= 0:
         raise ValueError("mask_ratio > 0 needs dense_weight > 0 (masked patches are trained by the patch term)")
+    if cfg.appearance not in CropBatches.APPEARANCES:
+        raise ValueError(f"appearance must be one of {CropBatches.APPEARANCES}, got {cfg.appearance!r}")
+    if cfg.appearance != "shared" and cfg.data != "synthetic":
+        raise ValueError(f"appearance={cfg.appearance!r} needs the synthetic world (it re-renders scenes)")
     return cfg
 
 

@@ -300,6 +300,15 @@ def test_config_errors():
         dino.MultiCrop(60, 32, 2, 8)
 
 
+def test_bad_config_fails_before_anything_is_written(tmp_path):
+    for bad in (dict(appearance="mixed"), dict(appearance="per-view", data=str(tmp_path)),
+                dict(scene_size=-1), dict(global_scale_max=1.5)):
+        out = tmp_path / "run"
+        with pytest.raises(ValueError):
+            dino.train(dino.Config(out=str(out), **bad))
+        assert not (out / "config.json").exists()
+
+
 def test_cli_trains_and_exports(tmp_path):
     from nbsupport.__main__ import main
 
