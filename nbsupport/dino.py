@@ -857,18 +857,35 @@ def train(cfg: Config, resume: bool = True, log=print, max_steps: int | None = N
 # Evaluation
 
 
+def _val_scenes(size: int, n_images: int, seed: int):
+    """The synthetic validation scenes (cached on disk) as :class:`nbsupport.data.CocoInstances`."""
+    from .data import CocoInstances
+    from .data.synthetic import synthetic_dataset
+
+    return CocoInstances(synthetic_dataset(n_images=n_images, seed=seed, size=size, split="val") / "instances_val.json")
+
+
+def _maskcut_ap(coco, feats: torch.Tensor, size: int, tau) -> dict:
+    """Class-agnostic COCO mask AP of 3 MaskCut masks per image from patch features ``[B, h, w, D]`` (one
+    per ``coco.image_ids``, in order) against ``coco``'s ground truth, images ``size x size``."""
+    from . import maskcut as mc, metrics
+
+    dets = []
+    for image_id, m in zip(coco.image_ids, mc.maskcut(feats, 3, tau)):
+        dets += mc.coco_annotations(mc.pixel_masks(m.numpy(), (size, size), (size, size)), image_id)
+    return metrics.coco_ap(coco.coco.dataset, dets)
+
+
 def backbone_quality(model, size: int = 128, n_images: int = 200, tau="median", seed: int = 0) -> dict:
     """How much a backbone has learned, on ``n_images`` synthetic validation scenes (``seed``) at ``size`` px
     (issue 8's three measures): ``patch AUC`` / ``overlap`` of same- vs different-class last-block key
     cosine similarities (objects only); class-agnostic MaskCut (3 masks, ``tau``) ``mask AP`` / ``mask AP50``
     against the ground truth; ``BB precision``: the fraction of salient best-buddy pairs (last-block keys,
     CLS saliency > 0.05) between consecutive scenes sharing a class that land on the same class."""
-    from . import affinity, correspondences as cc, features, maskcut as mc, metrics
-    from .data import CocoInstances, image_to_tensor
-    from .data.synthetic import synthetic_dataset
+    from . import affinity, correspondences as cc, features
+    from .data import image_to_tensor
 
-    root = synthetic_dataset(n_images=n_images, seed=seed, size=size, split="val")
-    coco = CocoInstances(root / "instances_val.json")
+    coco = _val_scenes(size, n_images, seed)
     ids = coco.image_ids
     imgs = torch.stack([image_to_tensor(coco.load(i), size) for i in ids])
     p = model.nbs_info["patch_size"]
@@ -877,19 +894,16 @@ def backbone_quality(model, size: int = 128, n_images: int = 200, tau="median", 
     sem = np.stack([affinity.labels_on_grid(coco.semantic_mask(i), grid) for i in ids])
     intra, inter = affinity.patch_pairs(keys, sem, "cosine", 20000, seed)
     sep = affinity.separability(intra, inter)
-    pm = mc.maskcut(keys, 3, tau)
-    dets = []
-    for image_id, m in zip(ids, pm):
-        dets += mc.coco_annotations(mc.pixel_masks(m.numpy(), (size, size), (size, size)), image_id)
-    ap = metrics.coco_ap(coco.coco.dataset, dets)
+    ap = _maskcut_ap(coco, keys, size, tau)
     # best buddies between consecutive scenes that share a class
-    precs = []
+    precs, desc = [], {}  # an image's descriptors serve both pairs it is in
     for a, b in zip(ids[:-1], ids[1:]):
         if not set(coco.category_ids(a)) & set(coco.category_ids(b)):
             continue
-        da = cc.descriptors(model, imgs[a - 1], -1, "key", False, p)
-        db = cc.descriptors(model, imgs[b - 1], -1, "key", False, p)
-        res = cc.match(da, db, (size, size), (size, size), size, p, p, n_pairs=0, thresh=0.05)
+        for i in (a, b):
+            if i not in desc:
+                desc[i] = cc.descriptors(model, imgs[i - 1], -1, "key", False, p)
+        res = cc.match(desc[a], desc[b], (size, size), (size, size), size, p, p, n_pairs=0, thresh=0.05)
         pa, pb = cc.all_salient_points(res, p, p, size, (size, size), (size, size))
         if len(pa):
             precs.append(cc.pair_precision(pa, pb, coco.semantic_mask(a), coco.semantic_mask(b)))
@@ -902,20 +916,14 @@ def maskcut_ceiling(size: int = 128, n_images: int = 200, tau="median", seed: in
     """MaskCut mask AP / AP50 on ground-truth features: one-hot semantic class per ``patch`` cell (background
     its own class) plus ``noise`` x N(0, 1), seeded. About the best any backbone's keys can give in
     :func:`backbone_quality` (the grid, not the features, limits it: ~24 AP50 at 64 px, ~67 at 128 px)."""
-    from . import affinity, maskcut as mc, metrics
-    from .data import CocoInstances
-    from .data.synthetic import CLASSES, synthetic_dataset
+    from . import affinity
+    from .data.synthetic import CLASSES
 
-    root = synthetic_dataset(n_images=n_images, seed=seed, size=size, split="val")
-    coco = CocoInstances(root / "instances_val.json")
+    coco = _val_scenes(size, n_images, seed)
     g = size // patch
     sem = np.stack([affinity.labels_on_grid(coco.semantic_mask(i), (g, g), min_fraction=0.0) for i in coco.image_ids])
     feats = np.eye(len(CLASSES) + 1)[sem] + noise * np.random.default_rng(seed).standard_normal(sem.shape + (len(CLASSES) + 1,))
-    pm = mc.maskcut(torch.tensor(feats, dtype=torch.float32), 3, tau)
-    dets = []
-    for image_id, m in zip(coco.image_ids, pm):
-        dets += mc.coco_annotations(mc.pixel_masks(m.numpy(), (size, size), (size, size)), image_id)
-    ap = metrics.coco_ap(coco.coco.dataset, dets)
+    ap = _maskcut_ap(coco, torch.tensor(feats, dtype=torch.float32), size, tau)
     return {"mask AP": ap["AP"], "mask AP50": ap["AP50"]}
 
 
