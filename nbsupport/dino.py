@@ -502,13 +502,18 @@ class CropBatches(torch.utils.data.IterableDataset):
 
     APPEARANCES = ("shared", "per-view")
 
+    @classmethod
+    def check_appearance(cls, appearance: str, synthetic: bool) -> None:
+        """Raise ``ValueError`` for an unknown ``appearance`` or a re-rendering one on image-folder data."""
+        if appearance not in cls.APPEARANCES:
+            raise ValueError(f"appearance must be one of {cls.APPEARANCES}, got {appearance!r}")
+        if appearance != "shared" and not synthetic:
+            raise ValueError(f"appearance={appearance!r} needs the synthetic world (it re-renders scenes); "
+                             "an image folder has one appearance per image")
+
     def __init__(self, transform: MultiCrop, batch_size: int, size: int = 64, seed: int = 0, start_batch: int = 0,
                  rank: int = 0, world: int = 1, files=None, appearance: str = "shared"):
-        if appearance not in self.APPEARANCES:
-            raise ValueError(f"appearance must be one of {self.APPEARANCES}, got {appearance!r}")
-        if appearance != "shared" and files is not None:
-            raise ValueError("appearance='per-view' needs the synthetic world (it re-renders scenes); "
-                             "an image folder has one appearance per image")
+        self.check_appearance(appearance, synthetic=files is None)
         self.transform, self.batch_size, self.size, self.seed = transform, batch_size, size, seed
         self.start_batch, self.rank, self.world = start_batch, rank, world
         self.files = list(files) if files is not None else None
@@ -635,10 +640,7 @@ def resolve_arch(cfg: Config) -> Config:
                          "(0 = image_size)")
     if cfg.mask_ratio > 0 and cfg.dense_weight <= 0:
         raise ValueError("mask_ratio > 0 needs dense_weight > 0 (masked patches are trained by the patch term)")
-    if cfg.appearance not in CropBatches.APPEARANCES:
-        raise ValueError(f"appearance must be one of {CropBatches.APPEARANCES}, got {cfg.appearance!r}")
-    if cfg.appearance != "shared" and cfg.data != "synthetic":
-        raise ValueError(f"appearance={cfg.appearance!r} needs the synthetic world (it re-renders scenes)")
+    CropBatches.check_appearance(cfg.appearance, synthetic=cfg.data == "synthetic")
     return cfg
 
 
