@@ -512,8 +512,9 @@ class CropBatches(torch.utils.data.IterableDataset):
                              "an image folder has one appearance per image")
 
     def __init__(self, transform: MultiCrop, batch_size: int, size: int = 64, seed: int = 0, start_batch: int = 0,
-                 rank: int = 0, world: int = 1, files=None, appearance: str = "shared"):
+                 rank: int = 0, world: int = 1, files=None, appearance: str = "shared", scene: dict | None = None):
         self.check_appearance(appearance, synthetic=files is None)
+        self.scene = dict(scene or {})  # extra render_scene arguments (n_objects, scale) for the synthetic world
         self.transform, self.batch_size, self.size, self.seed = transform, batch_size, size, seed
         self.start_batch, self.rank, self.world = start_batch, rank, world
         self.files = list(files) if files is not None else None
@@ -525,10 +526,10 @@ class CropBatches(torch.utils.data.IterableDataset):
             from .data.synthetic import render_scene, scene_rng
 
             if self.appearance == "per-view":
-                return [render_scene(scene_rng(self.seed, "train", i), size=self.size,
+                return [render_scene(scene_rng(self.seed, "train", i), size=self.size, **self.scene,
                                      appearance=np.random.default_rng([self.seed, 11, i, v])).image
                         for v in range(3)]
-            return render_scene(scene_rng(self.seed, "train", i), size=self.size).image
+            return render_scene(scene_rng(self.seed, "train", i), size=self.size, **self.scene).image
         from .data import ImageLoadError, load_image
 
         n = len(self.files)
@@ -578,6 +579,9 @@ class Config:
     data: str = "synthetic"       # synthetic | path to an image folder
     image_size: int = 64          # global crop size (and synthetic scene size unless scene_size is set)
     scene_size: int = 0           # synthetic world: render scenes at this size (0 = image_size); crops are resized
+    max_objects: int = 3          # synthetic world: 1..max objects per scene (1 = object-centric, like ImageNet)
+    object_scale_min: float = 0.2  # synthetic world: object diameter range, fraction of the scene side
+    object_scale_max: float = 0.45
     local_size: int = 32
     n_local: int = 4
     global_scale_min: float = 0.4
@@ -590,6 +594,7 @@ class Config:
     out_dim: int = 1024
     head_hidden: int = 512
     head_bottleneck: int = 128
+    cls_weight: float = 1.0       # weight of the image-level (CLS) term (0 = patch term only; needs dense_weight)
     dense_weight: float = 0.0     # weight of the patch-level term (0 = plain CLS DINO)
     dense_image_center: bool = False  # dense targets relative to each image's mean patch output
     koleo_weight: float = 0.0     # KoLeo spreading term on the student's global-crop CLS features (DINOv2; 0 = off)
@@ -638,6 +643,11 @@ def resolve_arch(cfg: Config) -> Config:
     if cfg.scene_size < 0 or (cfg.scene_size and cfg.data != "synthetic"):
         raise ValueError(f"scene_size={cfg.scene_size}: a positive render size for the synthetic world only "
                          "(0 = image_size)")
+    if cfg.max_objects < 1 or not 0 < cfg.object_scale_min <= cfg.object_scale_max <= 1:
+        raise ValueError(f"need max_objects >= 1 and 0 < object_scale_min <= object_scale_max <= 1, got "
+                         f"{cfg.max_objects}, {cfg.object_scale_min}, {cfg.object_scale_max}")
+    if cfg.cls_weight < 0 or cfg.dense_weight < 0 or cfg.cls_weight + cfg.dense_weight <= 0:
+        raise ValueError(f"need cls_weight, dense_weight >= 0 and not both 0, got {cfg.cls_weight}, {cfg.dense_weight}")
     if cfg.mask_ratio > 0 and cfg.dense_weight <= 0:
         raise ValueError("mask_ratio > 0 needs dense_weight > 0 (masked patches are trained by the patch term)")
     CropBatches.check_appearance(cfg.appearance, synthetic=cfg.data == "synthetic")
@@ -666,8 +676,9 @@ def crop_stream(cfg: Config, start_batch: int = 0, rank: int = 0, world: int = 1
     crop = MultiCrop(cfg.image_size, cfg.local_size, cfg.n_local, cfg.patch_size,
                      (cfg.global_scale_min, cfg.global_scale_max), (cfg.local_scale_min, cfg.local_scale_max),
                      cfg.color, cfg.mask_ratio, rotate=cfg.rotate)
+    scene = {"n_objects": (1, cfg.max_objects), "scale": (cfg.object_scale_min, cfg.object_scale_max)}
     return CropBatches(crop, cfg.batch_size, cfg.scene_size or cfg.image_size, cfg.seed, start_batch=start_batch,
-                       rank=rank, world=world, files=files, appearance=cfg.appearance)
+                       rank=rank, world=world, files=files, appearance=cfg.appearance, scene=scene)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -804,10 +815,10 @@ def train(cfg: Config, resume: bool = True, log=print, max_steps: int | None = N
                 qm = q.mean(0)
                 t_marg = float(-(qm * qm.clamp_min(1e-12).log()).sum())  # ~0: one-prototype collapse
             cls_loss = loss_fn(s_cls.float(), t_cls.float(), temp)
-            loss, d_loss = cls_loss, torch.zeros(())
+            loss, d_loss = cfg.cls_weight * cls_loss, torch.zeros(())  # (0 x keeps DDP's graph complete)
             if dense:
                 d_loss = dense_fn([p.float() for p in s_patch], [p.float() for p in t_patch], boxes, temp, s_masks)
-                loss = cls_loss + cfg.dense_weight * d_loss
+                loss = loss + cfg.dense_weight * d_loss
             k_loss = torch.zeros(())
             if cfg.koleo_weight > 0:
                 B = crops[0].shape[0]

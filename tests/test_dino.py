@@ -302,7 +302,8 @@ def test_config_errors():
 
 def test_bad_config_fails_before_anything_is_written(tmp_path):
     for bad in (dict(appearance="mixed"), dict(appearance="per-view", data=str(tmp_path)),
-                dict(scene_size=-1), dict(global_scale_max=1.5)):
+                dict(scene_size=-1), dict(global_scale_max=1.5), dict(cls_weight=0.0), dict(cls_weight=-1.0),
+                dict(max_objects=0)):
         out = tmp_path / "run"
         with pytest.raises(ValueError):
             dino.train(dino.Config(out=str(out), **bad))
@@ -413,6 +414,40 @@ def test_scene_size_renders_larger_scenes_and_crops_at_native_scale():
         dino.resolve_arch(dino.Config(scene_size=128, data="some/folder"))
     with pytest.raises(ValueError, match="global_scale_max"):
         dino.resolve_arch(dino.Config(global_scale_min=0.6, global_scale_max=0.5))
+
+
+def test_cls_weight_zero_trains_the_patch_term_only(tmp_path):
+    """cls_weight=0: the loss is the weighted patch term alone (the CLS term is still computed and logged)."""
+    dino.train(tiny_cfg(tmp_path, steps=3, warmup_steps=1, cls_weight=0.0, dense_weight=0.5))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for r in rows:
+        assert r["cls_loss"] > 1 and r["loss"] == pytest.approx(0.5 * r["dense_loss"], rel=1e-5)
+
+
+def test_object_centric_scenes():
+    """max_objects=1 and a larger object scale: every training scene holds exactly one object whose box spans
+    at least object_scale_min of the side (up to rotation); the defaults keep the world's own scenes."""
+    from nbsupport.data.synthetic import render_scene, scene_rng
+
+    cfg = dino.resolve_arch(dino.Config(image_size=32, local_size=16, scene_size=64, max_objects=1,
+                                        object_scale_min=0.5, object_scale_max=0.7))
+    stream = dino.crop_stream(cfg)
+    counts = []
+    for i in range(12):
+        sc = render_scene(scene_rng(cfg.seed, "train", i), size=64, n_objects=(1, 1), scale=(0.5, 0.7))
+        assert np.array_equal(stream.image(i), sc.image)
+        counts.append(len(sc.category_ids))
+        assert sc.boxes[0, 2:].max() >= 0.5 * 64 / 1.5
+    assert counts == [1] * 12
+    default = dino.crop_stream(dino.resolve_arch(dino.Config(image_size=32, local_size=16)))
+    many = [len(render_scene(scene_rng(0, "train", i), size=32).category_ids) for i in range(12)]
+    assert max(many) > 1
+    for i in range(3):
+        assert np.array_equal(default.image(i), render_scene(scene_rng(0, "train", i), size=32).image)
+    for bad in (dict(max_objects=0), dict(object_scale_min=0.5, object_scale_max=0.4), dict(object_scale_max=1.2)):
+        with pytest.raises(ValueError, match="max_objects"):
+            dino.resolve_arch(dino.Config(**bad))
 
 
 @pytest.mark.parametrize("flag", ["--appearance", "--centering"])
