@@ -496,8 +496,9 @@ class CropBatches(torch.utils.data.IterableDataset):
     ``appearance`` (synthetic world only): ``"shared"`` - every crop is cut from one rendering of the scene;
     ``"per-view"`` - the scene is rendered three times with the same geometry and texture patterns but its
     own background and object colours (``render_scene(appearance=...)``): one rendering per global crop and
-    one for the local crops. Not in the thesis: it removes the shortcut a tiny DINO learns first on this
-    world, an image "fingerprint" (background and palette shared by all crops of an image), so that what
+    one for the local crops. ``per_view_ramp`` > 0 (a curriculum): the image trained on at step ``b`` keeps
+    one shared rendering with probability ``max(0, 1 - b / per_view_ramp)``. Not in the thesis: per-view
+    removes the shortcut a tiny DINO learns first on this world, an image "fingerprint" (background and palette shared by all crops of an image), so that what
     the views share is the objects. It uses no labels, but only a renderer can do it."""
 
     APPEARANCES = ("shared", "per-view")
@@ -512,8 +513,10 @@ class CropBatches(torch.utils.data.IterableDataset):
                              "an image folder has one appearance per image")
 
     def __init__(self, transform: MultiCrop, batch_size: int, size: int = 64, seed: int = 0, start_batch: int = 0,
-                 rank: int = 0, world: int = 1, files=None, appearance: str = "shared", scene: dict | None = None):
+                 rank: int = 0, world: int = 1, files=None, appearance: str = "shared", scene: dict | None = None,
+                 per_view_ramp: int = 0):
         self.check_appearance(appearance, synthetic=files is None)
+        self.per_view_ramp = per_view_ramp
         self.scene = dict(scene or {})  # extra render_scene arguments (n_objects, scale) for the synthetic world
         self.transform, self.batch_size, self.size, self.seed = transform, batch_size, size, seed
         self.start_batch, self.rank, self.world = start_batch, rank, world
@@ -525,7 +528,10 @@ class CropBatches(torch.utils.data.IterableDataset):
         if self.files is None:
             from .data.synthetic import render_scene, scene_rng
 
-            if self.appearance == "per-view":
+            b = i // (self.batch_size * self.world)  # the step that trains on image i
+            shared = (self.per_view_ramp > 0
+                      and np.random.default_rng([self.seed, 13, i]).random() < 1 - b / self.per_view_ramp)
+            if self.appearance == "per-view" and not shared:
                 return [render_scene(scene_rng(self.seed, "train", i), size=self.size, **self.scene,
                                      appearance=np.random.default_rng([self.seed, 11, i, v])).image
                         for v in range(3)]
@@ -590,6 +596,7 @@ class Config:
     local_scale_max: float = 0.4
     color: float = 1.0            # colour-augmentation strength (0 = none)
     appearance: str = "shared"    # shared | per-view (synthetic world: each view re-rendered in new colours)
+    per_view_ramp: int = 0        # per-view: views share one rendering with probability 1 -> 0 over these steps
     rotate: float = 0.0           # probability of a random quarter turn per crop (0 = off)
     out_dim: int = 1024
     head_hidden: int = 512
@@ -643,6 +650,8 @@ def resolve_arch(cfg: Config) -> Config:
     if cfg.scene_size < 0 or (cfg.scene_size and cfg.data != "synthetic"):
         raise ValueError(f"scene_size={cfg.scene_size}: a positive render size for the synthetic world only "
                          "(0 = image_size)")
+    if cfg.per_view_ramp < 0 or (cfg.per_view_ramp and cfg.appearance != "per-view"):
+        raise ValueError(f"per_view_ramp={cfg.per_view_ramp}: a number of steps >= 0, only with appearance='per-view'")
     if cfg.max_objects < 1 or not 0 < cfg.object_scale_min <= cfg.object_scale_max <= 1:
         raise ValueError(f"need max_objects >= 1 and 0 < object_scale_min <= object_scale_max <= 1, got "
                          f"{cfg.max_objects}, {cfg.object_scale_min}, {cfg.object_scale_max}")
@@ -678,7 +687,8 @@ def crop_stream(cfg: Config, start_batch: int = 0, rank: int = 0, world: int = 1
                      cfg.color, cfg.mask_ratio, rotate=cfg.rotate)
     scene = {"n_objects": (1, cfg.max_objects), "scale": (cfg.object_scale_min, cfg.object_scale_max)}
     return CropBatches(crop, cfg.batch_size, cfg.scene_size or cfg.image_size, cfg.seed, start_batch=start_batch,
-                       rank=rank, world=world, files=files, appearance=cfg.appearance, scene=scene)
+                       rank=rank, world=world, files=files, appearance=cfg.appearance, scene=scene,
+                       per_view_ramp=cfg.per_view_ramp)
 
 
 def _atomic_save(obj, path: Path) -> None:

@@ -428,6 +428,26 @@ def test_cls_weight_zero_trains_the_patch_term_only(tmp_path):
         assert -1e-6 <= r["teacher_mi"] <= math.log(64) + 1e-6
 
 
+def test_per_view_ramp_shares_the_rendering_early_and_never_after_the_ramp():
+    """per_view_ramp=4 (batch 40): step-0 images are one shared rendering, step-2 images about half of the
+    time, step-4 and later images always three renderings; the choice is seeded per image (resume-safe)."""
+    cfg = dino.resolve_arch(dino.Config(image_size=32, local_size=16, batch_size=40, appearance="per-view",
+                                        per_view_ramp=4))
+    stream = dino.crop_stream(cfg)
+
+    def n_shared(step):
+        return sum(isinstance(stream.image(step * 40 + k), np.ndarray) for k in range(40))
+
+    assert n_shared(0) == 40 and n_shared(4) == n_shared(7) == 0
+    assert 10 <= n_shared(2) <= 30
+    assert isinstance(dino.crop_stream(cfg).image(80), type(stream.image(80)))
+    off = dino.crop_stream(dino.resolve_arch(dino.Config(image_size=32, local_size=16, appearance="per-view")))
+    assert isinstance(off.image(0), list) and len(off.image(0)) == 3
+    for bad in (dict(per_view_ramp=-1, appearance="per-view"), dict(per_view_ramp=10)):
+        with pytest.raises(ValueError, match="per_view_ramp"):
+            dino.resolve_arch(dino.Config(**bad))
+
+
 def test_object_centric_scenes():
     """max_objects=1 and a larger object scale: every training scene holds exactly one object whose box spans
     at least object_scale_min of the side (up to rotation); the defaults keep the world's own scenes."""
