@@ -157,6 +157,12 @@ def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 CENTERINGS = ("center", "sinkhorn")
 
 
+def check_centering(centering: str) -> None:
+    """Raise ``ValueError`` unless ``centering`` is one of :data:`CENTERINGS`."""
+    if centering not in CENTERINGS:
+        raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
+
+
 @torch.no_grad()
 def sinkhorn_knopp(logits: torch.Tensor, temp: float, iters: int = 3) -> torch.Tensor:
     """Balanced teacher targets ``[N, K]`` (SwAV / DINOv2 "Sinkhorn-Knopp centering"): rows of
@@ -193,8 +199,7 @@ class DINOLoss(nn.Module):
     def __init__(self, out_dim: int, n_crops: int, student_temp: float = 0.1, center_momentum: float = 0.9,
                  centering: str = "center"):
         super().__init__()
-        if centering not in CENTERINGS:
-            raise ValueError(f"centering must be 'center' or 'sinkhorn', got {centering!r}")
+        check_centering(centering)
         self.n_crops, self.student_temp, self.center_momentum = n_crops, student_temp, center_momentum
         self.centering = centering
         self.register_buffer("center", torch.zeros(1, out_dim))
@@ -288,8 +293,7 @@ class DensePatchLoss(nn.Module):
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
                  centering: str = "center", image_center: bool = False):
         super().__init__()
-        if centering not in CENTERINGS:
-            raise ValueError(f"centering must be 'center' or 'sinkhorn', got {centering!r}")
+        check_centering(centering)
         self.student_temp, self.center_momentum, self.centering = student_temp, center_momentum, centering
         self.image_center = image_center
         self.register_buffer("center", torch.zeros(1, out_dim))
@@ -640,8 +644,7 @@ def resolve_arch(cfg: Config) -> Config:
             setattr(cfg, k, v)
     elif cfg.arch != "custom":
         raise ValueError(f"arch must be one of custom, {', '.join(ARCHS)}; got {cfg.arch!r}")
-    if cfg.centering not in CENTERINGS:
-        raise ValueError(f"centering must be 'center' or 'sinkhorn', got {cfg.centering!r}")
+    check_centering(cfg.centering)
     if cfg.embed_dim % cfg.num_heads:
         raise ValueError(f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}")
     if not 0 < cfg.global_scale_min <= cfg.global_scale_max <= 1:

@@ -49,8 +49,10 @@ def test_sinkhorn_targets_are_balanced_and_match_a_numpy_reference():
     assert np.allclose(dino.sinkhorn_knopp(x, 0.5).numpy(), 12 * ref.T, atol=1e-5)
     loss = dino.DINOLoss(5, 3, centering="sinkhorn")
     assert torch.allclose(loss.targets(x, 0.5), dino.sinkhorn_knopp(x, 0.5))
-    with pytest.raises(ValueError, match="centering"):
-        dino.DINOLoss(5, 3, centering="mean")
+    for make in (lambda: dino.DINOLoss(5, 3, centering="mean"), lambda: dino.DensePatchLoss(5, centering="mean"),
+                 lambda: dino.resolve_arch(dino.Config(centering="mean"))):
+        with pytest.raises(ValueError, match="centering must be one of"):
+            make()
 
 
 def test_loss_hand_case_and_view_pairs():
