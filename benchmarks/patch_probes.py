@@ -43,11 +43,10 @@ def _auc(feats, sem) -> float:
 
 def descriptors(imgs: torch.Tensor, sem: np.ndarray, p: int = 8, seed: int = 0) -> dict:
     """AUC of raw RGB patches, of |FFT| of standardised grayscale patches, and of a noisy one-hot label."""
-    B, _, H, W = imgs.shape
+    from nbsupport.dino import fft_texture
+
     patches = imgs.unfold(2, p, p).unfold(3, p, p)               # [B, 3, h, w, p, p]
-    gray = patches.mean(1)
-    gray = (gray - gray.mean((-1, -2), keepdim=True)) / (gray.std((-1, -2), keepdim=True) + 1e-3)
-    fft = torch.fft.fft2(gray).abs().flatten(-2)                  # [B, h, w, p*p]
+    fft = fft_texture(imgs.mean(1), p)                            # [B, h, w, p*p]
     rgb = patches.permute(0, 2, 3, 1, 4, 5).flatten(3)
     g = torch.Generator().manual_seed(seed)
     onehot = F.one_hot(torch.from_numpy(sem).clamp(min=0), 7).float()

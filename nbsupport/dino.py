@@ -955,24 +955,29 @@ def maskcut_ceiling(size: int = 128, n_images: int = 200, tau="median", seed: in
     return {"mask AP": ap["AP"], "mask AP50": ap["AP50"]}
 
 
+def fft_texture(grey: torch.Tensor, patch: int = 8) -> torch.Tensor:
+    """Hand-made colour- and phase-invariant texture descriptor ``[B, h, w, patch**2]`` of grey images
+    ``[B, H, W]``: per ``patch`` x ``patch`` cell, the magnitudes of the 2-D FFT of its values after
+    subtracting the cell's mean and dividing by its std."""
+    cells = grey.unfold(1, patch, patch).unfold(2, patch, patch)   # [B, h, w, p, p]
+    cells = cells - cells.mean((-1, -2), keepdim=True)
+    cells = cells / (cells.std((-1, -2), keepdim=True) + 1e-3)
+    return torch.fft.fft2(cells).abs().flatten(-2)
+
+
 def texture_reference(size: int = 128, n_images: int = 200, seed: int = 0, patch: int = 8) -> dict:
-    """The class AUC of :func:`backbone_quality` for a hand-made, colour- and phase-invariant texture
-    descriptor: per ``patch`` x ``patch`` cell, the magnitudes of the 2-D FFT of its grey levels after
-    subtracting the cell's mean and dividing by its std. No learning: it shows how much class information a
-    single cell holds on this world (about 0.67 on the 200 seed-0 scenes at 128 px, where random keys give
-    0.5), i.e. that issue 8's +0.15 AUC bar is reachable by a patch feature."""
+    """The class AUC of :func:`backbone_quality` for :func:`fft_texture` of the scenes' grey levels. No
+    learning: it shows how much class information a single cell holds on this world (about 0.67 on the
+    200 seed-0 scenes at 128 px, where random keys give 0.5), i.e. that issue 8's +0.15 AUC bar is
+    reachable by a patch feature (``benchmarks/patch_probes.py`` adds a supervised twin)."""
     from . import affinity
 
     coco = _val_scenes(size, n_images, seed)
-    g, feats, sem = size // patch, [], []
-    for i in coco.image_ids:
-        grey = np.asarray(coco.load(i), dtype=np.float32).mean(-1) / 255
-        cells = grey[:g * patch, :g * patch].reshape(g, patch, g, patch).transpose(0, 2, 1, 3)
-        cells = cells - cells.mean((2, 3), keepdims=True)
-        cells = cells / (cells.std((2, 3), keepdims=True) + 1e-3)
-        feats.append(np.abs(np.fft.fft2(cells)).reshape(g, g, -1))
-        sem.append(affinity.labels_on_grid(coco.semantic_mask(i), (g, g)))
-    intra, inter = affinity.patch_pairs(torch.tensor(np.stack(feats)), np.stack(sem), "cosine", 20000, seed)
+    grey = torch.stack([torch.from_numpy(np.asarray(coco.load(i), dtype=np.float32).mean(-1) / 255)
+                        for i in coco.image_ids])
+    feats = fft_texture(grey, patch)
+    sem = np.stack([affinity.labels_on_grid(coco.semantic_mask(i), feats.shape[1:3]) for i in coco.image_ids])
+    intra, inter = affinity.patch_pairs(feats, sem, "cosine", 20000, seed)
     sep = affinity.separability(intra, inter)
     return {"patch AUC": sep["auc"], "overlap": sep["overlap"]}
 
