@@ -9,11 +9,13 @@ For each backbone (names or checkpoint paths) and its seeded random-init twin:
 A last row gives MaskCut's ceiling at that size: the AP when the "keys" are the ground-truth class of
 each patch (one-hot, plus 0.1 seeded noise so the cut is well posed). At 64 px (an 8 x 8 grid for /8
 models, objects 2-4 patches wide) it is only about 24 AP50, so a +10 AP50 gain there asks for nearly
-perfect features; at 128 px (16 x 16) it is about 68. Another row gives the class AUC of a hand-made
-colour- and phase-invariant texture descriptor (FFT magnitudes of each 8 x 8 cell's normalised grey
-levels, ``dino.texture_reference``, the descriptor of ``patch_probes.py``): about 0.67 at 128 px, so a patch feature can reach the issue's +0.15. Hence the defaults: 128 px, and 200 images, because
+perfect features; at 128 px (16 x 16) it is about 68. Hence the defaults: 128 px, and 200 images, because
 48 are too few: the random-init twin alone scored 32 and 52 AP50 (and the class AUC of one tiny DINO
 moved by 0.08) between two 48-image validation sets.
+
+Another row gives the class AUC of a hand-made colour- and phase-invariant texture descriptor
+(``dino.texture_reference``: FFT magnitudes of each 8 x 8 cell's standardised grey levels, the descriptor
+of ``patch_probes.py``): about 0.67 at 128 px, so a patch feature can reach the issue's +0.15 AUC.
 
     python benchmarks/backbone_quality.py tiny_dino_synth [path.safetensors ...]   # 128 px, 200 images
 """
