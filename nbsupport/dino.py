@@ -502,8 +502,9 @@ class CropBatches(torch.utils.data.IterableDataset):
     own background and object colours (``render_scene(appearance=...)``): one rendering per global crop and
     one for the local crops. ``per_view_ramp`` > 0 (a curriculum): the image trained on at step ``b`` keeps
     one shared rendering with probability ``max(0, 1 - b / per_view_ramp)``. Not in the thesis: per-view
-    removes the shortcut a tiny DINO learns first on this world, an image "fingerprint" (background and palette shared by all crops of an image), so that what
-    the views share is the objects. It uses no labels, but only a renderer can do it."""
+    removes the shortcut a tiny DINO learns first on this world, an image "fingerprint" (background and
+    palette shared by all crops of an image), so that what the views share is the objects. It uses no
+    labels, but only a renderer can do it."""
 
     APPEARANCES = ("shared", "per-view")
 

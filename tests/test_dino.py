@@ -450,6 +450,22 @@ def test_per_view_ramp_shares_the_rendering_early_and_never_after_the_ramp():
             dino.resolve_arch(dino.Config(**bad))
 
 
+def test_fft_texture_ignores_contrast_brightness_and_circular_shifts():
+    """Per cell: a * x + b and a circular shift of x give the same |FFT| of the standardised values; a flat
+    cell gives zeros; stripes of period 2 and 4 differ."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 8, 8, generator=g)
+    d = dino.fft_texture(x)
+    assert d.shape == (1, 1, 1, 64)
+    assert torch.allclose(dino.fft_texture(3 * x + 0.5), d, rtol=0.01, atol=1e-3)  # (std + 1e-3 in the denominator)
+    assert torch.allclose(dino.fft_texture(torch.roll(x, (3, 5), (1, 2))), d, atol=1e-4)
+    assert dino.fft_texture(torch.full((1, 8, 8), 0.7)).abs().max() < 0.01
+    col = torch.arange(8.0)
+    s2, s4 = ((col // 1) % 2).expand(8, 8)[None], ((col // 2) % 2).expand(8, 8)[None]
+    assert (dino.fft_texture(s2) - dino.fft_texture(s4)).abs().max() > 1
+    assert dino.fft_texture(torch.rand(2, 16, 24, generator=g)).shape == (2, 2, 3, 64)
+
+
 def test_object_centric_scenes():
     """max_objects=1 and a larger object scale: every training scene holds exactly one object whose box spans
     at least object_scale_min of the side (up to rotation); the defaults keep the world's own scenes."""
