@@ -244,6 +244,14 @@ def auto_tau(model):
     return 0.15 if official else "median"
 
 
+def resolve_tau(tau, model):
+    """The threshold a ``tau`` parameter (CLI string or notebook value) means for ``model``: ``"auto"`` ->
+    :func:`auto_tau`, ``"median"`` stays, anything else is a number (``float(tau)``)."""
+    if tau == "auto":
+        return auto_tau(model)
+    return tau if tau == "median" else float(tau)
+
+
 # --------------------------------------------------------------------------------------------------
 # Pixel masks and COCO export
 
@@ -392,7 +400,7 @@ def run_cli(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load(args.backbone, device=device)
     patch = model.nbs_info["patch_size"]
-    tau = auto_tau(model) if args.tau == "auto" else args.tau if args.tau == "median" else float(args.tau)
+    tau = resolve_tau(args.tau, model)
     fail_after = int(os.environ.get("NBSUPPORT_MASKCUT_FAIL_AFTER", "0"))  # test hook: simulate a crash
     from tqdm.auto import tqdm
 

@@ -193,6 +193,12 @@ def test_auto_tau_fixed_threshold_only_for_official_weights():
     assert mc.auto_tau(fake("runs/tiny.safetensors")) == "median"
     tiny = backbones.load("tiny_dino_synth")
     assert mc.auto_tau(tiny) == "median"
+    # resolve_tau: what a tau parameter (CLI string or notebook value) means for a model
+    assert mc.resolve_tau("auto", fake("dino_vits8")) == 0.15 and mc.resolve_tau("auto", tiny) == "median"
+    assert mc.resolve_tau("median", fake("dino_vits8")) == "median"
+    assert mc.resolve_tau("0.3", tiny) == 0.3 and mc.resolve_tau(0.2, tiny) == 0.2
+    with pytest.raises(ValueError):
+        mc.resolve_tau("high", tiny)
     # why: on a synthetic scene every key cosine of the tiny DINO exceeds 0.15, so 0.15 gives a complete graph
     from PIL import Image
 
