@@ -905,13 +905,23 @@ def _maskcut_ap(coco, feats: torch.Tensor, size: int, tau) -> dict:
     return metrics.coco_ap(coco.coco.dataset, dets)
 
 
+def _class_separability(coco, feats: torch.Tensor, seed: int) -> dict:
+    """Same- vs different-class cosine similarity of object patches (``feats [B, h, w, D]``, one grid per
+    ``coco.image_ids``): ROC AUC and distribution overlap, 20000 seeded pairs of each kind."""
+    from . import affinity
+
+    sem = np.stack([affinity.labels_on_grid(coco.semantic_mask(i), feats.shape[1:3]) for i in coco.image_ids])
+    sep = affinity.separability(*affinity.patch_pairs(feats, sem, "cosine", 20000, seed))
+    return {"patch AUC": sep["auc"], "overlap": sep["overlap"]}
+
+
 def backbone_quality(model, size: int = 128, n_images: int = 200, tau="median", seed: int = 0) -> dict:
     """How much a backbone has learned, on ``n_images`` synthetic validation scenes (``seed``) at ``size`` px
     (issue 8's three measures): ``patch AUC`` / ``overlap`` of same- vs different-class last-block key
     cosine similarities (objects only); class-agnostic MaskCut (3 masks, ``tau``) ``mask AP`` / ``mask AP50``
     against the ground truth; ``BB precision``: the fraction of salient best-buddy pairs (last-block keys,
     CLS saliency > 0.05) between consecutive scenes sharing a class that land on the same class."""
-    from . import affinity, correspondences as cc, features
+    from . import correspondences as cc, features
     from .data import image_to_tensor
 
     coco = _val_scenes(size, n_images, seed)
@@ -919,10 +929,7 @@ def backbone_quality(model, size: int = 128, n_images: int = 200, tau="median", 
     imgs = torch.stack([image_to_tensor(coco.load(i), size) for i in ids])
     p = model.nbs_info["patch_size"]
     keys = torch.cat([features.extract(model, imgs[i:i + 16], "key", -1) for i in range(0, len(imgs), 16)])
-    grid = keys.shape[1:3]
-    sem = np.stack([affinity.labels_on_grid(coco.semantic_mask(i), grid) for i in ids])
-    intra, inter = affinity.patch_pairs(keys, sem, "cosine", 20000, seed)
-    sep = affinity.separability(intra, inter)
+    sep = _class_separability(coco, keys, seed)
     ap = _maskcut_ap(coco, keys, size, tau)
     # best buddies between consecutive scenes that share a class
     precs, desc = [], {}  # an image's descriptors serve both pairs it is in
@@ -936,7 +943,7 @@ def backbone_quality(model, size: int = 128, n_images: int = 200, tau="median", 
         pa, pb = cc.all_salient_points(res, p, p, size, (size, size), (size, size))
         if len(pa):
             precs.append(cc.pair_precision(pa, pb, coco.semantic_mask(a), coco.semantic_mask(b)))
-    return {"patch AUC": sep["auc"], "overlap": sep["overlap"], "mask AP": ap["AP"], "mask AP50": ap["AP50"],
+    return {**sep, "mask AP": ap["AP"], "mask AP50": ap["AP50"],
             "BB precision": float(np.mean(precs)) if precs else float("nan")}
 
 
@@ -971,16 +978,10 @@ def texture_reference(size: int = 128, n_images: int = 200, seed: int = 0, patch
     learning: it shows how much class information a single cell holds on this world (about 0.67 on the
     200 seed-0 scenes at 128 px, where random keys give 0.5), i.e. that issue 8's +0.15 AUC bar is
     reachable by a patch feature (``benchmarks/patch_probes.py`` adds a supervised twin)."""
-    from . import affinity
-
     coco = _val_scenes(size, n_images, seed)
     grey = torch.stack([torch.from_numpy(np.asarray(coco.load(i), dtype=np.float32).mean(-1) / 255)
                         for i in coco.image_ids])
-    feats = fft_texture(grey, patch)
-    sem = np.stack([affinity.labels_on_grid(coco.semantic_mask(i), feats.shape[1:3]) for i in coco.image_ids])
-    intra, inter = affinity.patch_pairs(feats, sem, "cosine", 20000, seed)
-    sep = affinity.separability(intra, inter)
-    return {"patch AUC": sep["auc"], "overlap": sep["overlap"]}
+    return _class_separability(coco, fft_texture(grey, patch), seed)
 
 
 def export_teacher(ckpt: str | Path, out: str | Path, description: str = "tiny DINO (synthetic world)") -> Path:
