@@ -25,7 +25,7 @@ def load(name: str):
     if name.endswith(".pt"):                          # a groupvit-train checkpoint (tensors only)
         from nbsupport import grouptrain as gt
         state = gt.load_checkpoint(name)
-        arch = json.loads(state.get("config") or "{}").get("model", "small")
+        arch = json.loads(state.get("config") or "{}").get("model", "small").removeprefix("random:")
         model = gv.build(arch if arch in gv.CONFIGS else "small")   # else (a file path): assumed "small"
         model.load_state_dict(state["model"])
         return model.eval()

@@ -231,6 +231,38 @@ def set_trainable(model: gv.GroupViT, names) -> list[str]:
     return keep
 
 
+def init_image_encoder(model: gv.GroupViT, vit) -> list[str]:
+    """Start GroupViT's image encoder from a plain ViT (a timm ``VisionTransformer`` such as the tiny DINO):
+    its patch projection, its patch position embeddings (CLS dropped, resized to the GroupViT grid) and its
+    first blocks, in order, as the stages' blocks (``[segments; groups]`` blocks have the same layout). Not
+    in the thesis, which fine-tunes a pretrained GroupViT: this gives a from-scratch GroupViT patch features
+    that already differ between objects and background, so its assignments are not flat from the start.
+    Group tokens, grouping blocks, the patch LayerNorm and the text side keep their init. Returns the
+    GroupViT parameter names that were copied."""
+    enc, cfg = model.img_encoder, model.cfg
+    d = vit.patch_embed.proj.out_channels
+    p = vit.patch_embed.proj.kernel_size[0]
+    heads = vit.blocks[0].attn.num_heads
+    blocks = [b for st in enc.layers for b in st.blocks]
+    if (d, p, heads) != (cfg.embed_dim, cfg.patch_size, cfg.num_heads):
+        raise ValueError(f"ViT (width {d}, patch {p}, {heads} heads) does not fit GroupViT (width {cfg.embed_dim}, "
+                         f"patch {cfg.patch_size}, {cfg.num_heads} heads); e.g. tiny_dino_synth fits 'random:small128'")
+    if len(vit.blocks) < len(blocks):
+        raise ValueError(f"ViT has {len(vit.blocks)} blocks, GroupViT's image encoder needs {len(blocks)}")
+    copied = []
+    with torch.no_grad():
+        enc.patch_embed.proj.load_state_dict(vit.patch_embed.proj.state_dict())
+        copied += ["img_encoder.patch_embed.proj.weight", "img_encoder.patch_embed.proj.bias"]
+        pos = vit.pos_embed[:, getattr(vit, "num_prefix_tokens", 1):]
+        enc.pos_embed.copy_(gv.interpolate_pos_embed(pos, (cfg.grid, cfg.grid)))
+        copied.append("img_encoder.pos_embed")
+        for i, (dst, src) in enumerate(zip(blocks, vit.blocks)):
+            ref = src.state_dict()
+            dst.load_state_dict({k: ref[k] for k in dst.state_dict()}, strict=True)
+            copied += [f"block {i}.{k}" for k in dst.state_dict()]
+    return copied
+
+
 # ============================================================================================== schedule
 def lr_at(step: int, total: int, warmup: int, base: float, min_lr: float, warmup_lr: float,
           cycles: int = 1) -> float:
@@ -405,6 +437,8 @@ class TrainConfig:
     max_minutes: float = 0.0        # > 0: stop (checkpoint + validation) after this many minutes
     resume: bool = True             # continue from out_dir/last.pt when present
     threads: int = 0                # > 0: torch.set_num_threads
+    init_image: str = ""            # a timm ViT (backbones.load name/path, e.g. tiny_dino_synth) whose patch
+                                    # embedding, position embedding and blocks initialise the image encoder
 
     def validate(self):
         if self.label_kind not in textmod.KINDS:
@@ -622,6 +656,11 @@ def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None) -> 
 
     # model, optimiser
     model = model if model is not None else gv.load(cfg.model, seed=cfg.seed)
+    if cfg.init_image and not (cfg.resume and (out_dir / "last.pt").is_file()):
+        from . import backbones
+        copied = init_image_encoder(model, backbones.load(cfg.init_image))
+        if main:
+            log.info("groupvit-train: image encoder initialised from %s (%d tensors)", cfg.init_image, len(copied))
     model = model.to(dev).train()
     trainable = set_trainable(model, cfg.trainable)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1 and "token" not in n

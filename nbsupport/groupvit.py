@@ -82,6 +82,11 @@ CONFIGS: dict[str, Config] = {
     "small": Config(img_size=64, patch_size=8, embed_dim=96, depths=(2, 1, 1), num_heads=3,
                     num_group_tokens=(16, 4, 0), num_output_groups=(16, 4), text_width=64, text_layers=2,
                     text_heads=1, proj_inner=128, proj_dim=32),
+    # "small" at the tiny DINO's width (128, 4 heads, 4 blocks): its image encoder can start from
+    # tiny_dino_synth (grouptrain.init_image_encoder)
+    "small128": Config(img_size=64, patch_size=8, embed_dim=128, depths=(2, 1, 1), num_heads=4,
+                       num_group_tokens=(16, 4, 0), num_output_groups=(16, 4), text_width=64, text_layers=2,
+                       text_heads=1, proj_inner=128, proj_dim=32),
 }
 
 URLS = {

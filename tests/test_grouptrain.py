@@ -396,3 +396,26 @@ def test_group_balance_loss_hand_cases():
     logits = torch.randn(b, g, n, requires_grad=True)
     gt.group_balance_loss([logits.softmax(1)]).backward()
     assert logits.grad.abs().sum() > 0
+
+
+def test_image_encoder_starts_from_a_vit():
+    """init_image_encoder copies the tiny DINO's patch projection, patch position embeddings and blocks, so
+    GroupViT's blocks compute exactly what the ViT's blocks compute; a ViT of another width is refused."""
+    from nbsupport import backbones
+    vit = backbones.load("tiny_dino_synth")
+    model = gv.load("random:small128")
+    before = model.state_dict()["img_encoder.layers.0.group_token"].clone()
+    copied = gt.init_image_encoder(model, vit)
+    enc = model.img_encoder
+    assert "img_encoder.pos_embed" in copied and len(copied) == 3 + 4 * 12
+    assert torch.equal(enc.pos_embed, vit.pos_embed[:, 1:])
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(enc.patch_embed.proj(x), vit.patch_embed.proj(x))
+    tokens = torch.randn(2, 64 + 16, 128, generator=torch.Generator().manual_seed(1))
+    blocks = [b for st in enc.layers for b in st.blocks]
+    with torch.no_grad():
+        for mine, theirs in zip(blocks, vit.blocks):
+            assert torch.allclose(mine(tokens), theirs(tokens), atol=1e-5)
+    assert torch.equal(model.state_dict()["img_encoder.layers.0.group_token"], before)   # groups keep their init
+    with pytest.raises(ValueError, match="small128"):
+        gt.init_image_encoder(gv.load("random:small"), vit)
