@@ -76,7 +76,8 @@ class DINOHead(nn.Module):
 
 class Network(nn.Module):
     """Backbone + head. ``forward(crops, masks, dense)`` -> ``(cls [V*B, K], patches)``: ``patches`` is a
-    list of ``[B, h, w, K]`` per crop, or ``None`` when ``dense=False``. Crops of one resolution run as one
+    list of ``[B, h, w, K]`` per crop, or ``None`` when ``dense=False``; with ``features=True`` a third
+    value, the backbone's CLS features ``[V*B, D]`` (for the KoLeo term). Crops of one resolution run as one
     batch. ``masks``: per crop a bool ``[B, h, w]`` or ``None``: masked patch embeddings are replaced by a
     learned mask token before the position embedding (iBOT)."""
 
@@ -97,7 +98,8 @@ class Network(nn.Module):
         x = bb.norm_pre(bb.patch_drop(bb._pos_embed(x)))
         return bb.norm(bb.blocks(x))
 
-    def forward(self, crops: list[torch.Tensor], masks: list | None = None, dense: bool = False):
+    def forward(self, crops: list[torch.Tensor], masks: list | None = None, dense: bool = False,
+                features: bool = False):
         masks = masks or [None] * len(crops)
         p = self.backbone.patch_embed.patch_size[0]
         cls, patches, i = [], [], 0
@@ -116,16 +118,16 @@ class Network(nn.Module):
                 patches.extend(tok[:, 1:].reshape(-1, h, w, tok.shape[-1]).chunk(j - i))
             i = j
         cls = torch.cat(cls)
-        self.last_cls = cls  # backbone CLS features [V*B, D] of this call, for the KoLeo term
+        extra = (cls,) if features else ()
         if not dense:
-            return self.head(cls), None
+            return (self.head(cls), None) + extra
         out = self.head(torch.cat([cls] + [q.reshape(-1, q.shape[-1]) for q in patches]))  # one head call
         cls_out, k, patch_out = out[:len(cls)], len(cls), []
         for q in patches:
             n = q.shape[0] * q.shape[1] * q.shape[2]
             patch_out.append(out[k:k + n].reshape(*q.shape[:3], -1))
             k += n
-        return cls_out, patch_out
+        return (cls_out, patch_out) + extra
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,10 +212,12 @@ class DINOLoss(nn.Module):
             return sinkhorn_knopp(teacher_out, teacher_temp)
         return F.softmax((teacher_out - self.center) / teacher_temp, dim=-1).detach()
 
-    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """``student_out``: ``[n_crops * B, K]``; ``teacher_out``: ``[2 * B, K]`` (view-major)."""
+    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """``student_out``: ``[n_crops * B, K]``; ``teacher_out``: ``[2 * B, K]`` (view-major); ``targets``:
+        ``self.targets(teacher_out, teacher_temp)`` when the caller already has them."""
         s = (student_out / self.student_temp).chunk(self.n_crops)
-        t = self.targets(teacher_out, teacher_temp).chunk(2)
+        t = (self.targets(teacher_out, teacher_temp) if targets is None else targets).chunk(2)
         total, n = 0.0, 0
         for it, q in enumerate(t):
             for iv, p in enumerate(s):
@@ -822,13 +826,13 @@ def train(cfg: Config, resume: bool = True, log=print, max_steps: int | None = N
             with torch.autocast(device.type, enabled=device.type == "cuda", dtype=torch.bfloat16):
                 with torch.no_grad():
                     t_cls, t_patch = teacher(crops[:2], dense=dense)
-                s_cls, s_patch = model(crops, s_masks, dense=dense)
+                s_cls, s_patch, s_feat = model(crops, s_masks, dense=dense, features=True)
             with torch.no_grad():
                 q = loss_fn.targets(t_cls.float(), temp)
                 t_ent = float(-(q * q.clamp_min(1e-12).log()).sum(-1).mean())  # ~ln K: uniform collapse
                 qm = q.mean(0)
                 t_marg = float(-(qm * qm.clamp_min(1e-12).log()).sum())  # ~0: one-prototype collapse
-            cls_loss = loss_fn(s_cls.float(), t_cls.float(), temp)
+            cls_loss = loss_fn(s_cls.float(), t_cls.float(), temp, targets=q)
             loss, d_loss = cfg.cls_weight * cls_loss, torch.zeros(())  # (0 x keeps DDP's graph complete)
             if dense:
                 d_loss = dense_fn([p.float() for p in s_patch], [p.float() for p in t_patch], boxes, temp, s_masks)
@@ -836,7 +840,7 @@ def train(cfg: Config, resume: bool = True, log=print, max_steps: int | None = N
             k_loss = torch.zeros(())
             if cfg.koleo_weight > 0:
                 B = crops[0].shape[0]
-                k_loss = sum(koleo_loss(student.last_cls[v * B:(v + 1) * B]) for v in range(2)) / 2
+                k_loss = sum(koleo_loss(s_feat[v * B:(v + 1) * B]) for v in range(2)) / 2
                 loss = loss + cfg.koleo_weight * k_loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower the learning rate")

@@ -213,7 +213,14 @@ def test_teacher_gets_no_gradient_and_follows_the_student(tmp_path):
     student, teacher, _ = dino.build_networks(cfg)
     assert all(not p.requires_grad for p in teacher.parameters())
     crops, boxes, masks = dino.CropBatches(dino.MultiCrop(32, 16, 2, 8), 4, 32).batch(0)
-    loss = dino.DINOLoss(64, 4)(student(crops)[0], teacher(crops[:2])[0], 0.04)
+    loss_fn = dino.DINOLoss(64, 4)
+    s_cls, _, s_feat = student(crops, features=True)
+    t_cls = teacher(crops[:2])[0]
+    # targets passed in (the trainer computes them once) give the same loss; features= the backbone's CLS
+    same = dino.DINOLoss(64, 4)(s_cls, t_cls, 0.04, targets=loss_fn.targets(t_cls, 0.04))
+    loss = loss_fn(s_cls, t_cls, 0.04)
+    assert torch.equal(same, loss) and torch.allclose(loss_fn.center, 0.1 * t_cls.detach().mean(0, keepdim=True))
+    assert torch.allclose(s_feat[:4], student.tokens(crops[0])[:, 0], atol=1e-6) and s_feat.shape == (4 * 4, 32)
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.backbone.parameters())
