@@ -235,8 +235,8 @@ def init_image_encoder(model: gv.GroupViT, vit) -> list[str]:
     """Start GroupViT's image encoder from a plain ViT (a timm ``VisionTransformer`` such as the tiny DINO):
     its patch projection, its patch position embeddings (CLS dropped, resized to the GroupViT grid) and its
     first blocks, in order, as the stages' blocks (``[segments; groups]`` blocks have the same layout). Not
-    in the thesis, which fine-tunes a pretrained GroupViT: this gives a from-scratch GroupViT patch features
-    that already differ between objects and background, so its assignments are not flat from the start.
+    in the thesis, which fine-tunes a pretrained GroupViT: a GroupViT trained from scratch then starts with
+    patch features that already differ between objects and background, instead of flat assignments.
     Group tokens, grouping blocks, the patch LayerNorm and the text side keep their init. Returns the
     GroupViT parameter names that were copied."""
     enc, cfg = model.img_encoder, model.cfg
@@ -249,6 +249,7 @@ def init_image_encoder(model: gv.GroupViT, vit) -> list[str]:
                          f"patch {cfg.patch_size}, {cfg.num_heads} heads); e.g. tiny_dino_synth fits 'random:small128'")
     if len(vit.blocks) < len(blocks):
         raise ValueError(f"ViT has {len(vit.blocks)} blocks, GroupViT's image encoder needs {len(blocks)}")
+    names = {id(m): n for n, m in model.named_modules()}
     copied = []
     with torch.no_grad():
         enc.patch_embed.proj.load_state_dict(vit.patch_embed.proj.state_dict())
@@ -256,10 +257,10 @@ def init_image_encoder(model: gv.GroupViT, vit) -> list[str]:
         pos = vit.pos_embed[:, getattr(vit, "num_prefix_tokens", 1):]
         enc.pos_embed.copy_(gv.interpolate_pos_embed(pos, (cfg.grid, cfg.grid)))
         copied.append("img_encoder.pos_embed")
-        for i, (dst, src) in enumerate(zip(blocks, vit.blocks)):
+        for dst, src in zip(blocks, vit.blocks):
             ref = src.state_dict()
             dst.load_state_dict({k: ref[k] for k in dst.state_dict()}, strict=True)
-            copied += [f"block {i}.{k}" for k in dst.state_dict()]
+            copied += [f"{names[id(dst)]}.{k}" for k in dst.state_dict()]
     return copied
 
 

@@ -408,6 +408,7 @@ def test_image_encoder_starts_from_a_vit():
     copied = gt.init_image_encoder(model, vit)
     enc = model.img_encoder
     assert "img_encoder.pos_embed" in copied and len(copied) == 3 + 4 * 12
+    assert "img_encoder.layers.2.blocks.0.mlp.fc2.bias" in copied and set(copied) <= set(model.state_dict())
     assert torch.equal(enc.pos_embed, vit.pos_embed[:, 1:])
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(enc.patch_embed.proj(x), vit.patch_embed.proj(x))
