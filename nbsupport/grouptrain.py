@@ -79,13 +79,18 @@ def multi_label_contrastive(img: torch.Tensor, labels: torch.Tensor, scale: torc
     ``label_strings`` (``B`` lists of ``K`` raw label strings): the non-noisy loss of section 5.10 - a label of
     image ``j`` equal to one of image ``i``'s is a positive for ``i`` too. Without repeats it equals the plain loss."""
     b, k, p = labels.shape
-    dev = img.device
     if pad is None:
-        pad = torch.zeros(b, k, dtype=torch.bool, device=dev)
+        pad = torch.zeros(b, k, dtype=torch.bool, device=img.device)
+    labels = labels.masked_fill(pad.to(img.device).bool()[..., None], 0.0)   # null <PAD> embeddings (5.7)
+    logits = scale * img @ labels.reshape(b * k, p).T                           # [B, B*K]
+    return _label_contrastive(logits, b, k, pad, label_strings)
+
+
+def _label_contrastive(logits: torch.Tensor, b: int, k: int, pad: torch.Tensor, label_strings=None) -> torch.Tensor:
+    """Both directions of Eq 24-26 from image-label ``logits [B, B*K]`` (label ``j*K + k`` is image ``j``'s
+    ``k``-th); ``pad`` and ``label_strings`` as in :func:`multi_label_contrastive`."""
+    dev = logits.device
     pad = pad.to(dev).bool()
-    labels = labels.masked_fill(pad[..., None], 0.0)                # null <PAD> embeddings (section 5.7)
-    flat = labels.reshape(b * k, p)
-    logits = scale * img @ flat.T                                   # [B, B*K]
     owner = torch.arange(b, device=dev).repeat_interleave(k)        # image of each label
     pos = owner[None, :] == torch.arange(b, device=dev)[:, None]    # [B, B*K]
     if label_strings is not None:
@@ -101,6 +106,22 @@ def multi_label_contrastive(img: torch.Tensor, labels: torch.Tensor, scale: torc
     t_pos = pos.T[valid]
     t2i = contrastive_from_logits(t_logits, t_pos).mean() if len(t_logits) else logits.sum() * 0
     return i2t + t2i
+
+
+def group_label_contrastive(group_embeds: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | float,
+                            pad: torch.Tensor | None = None, label_strings: list | None = None) -> torch.Tensor:
+    """The multi-label loss (Eq 24-26) with each image represented, for each label, by its best-matching
+    final group: ``logit(i, label) = scale * max_g Z_ig . T_label`` for ``group_embeds [B, G, P]`` and
+    ``labels [B, K, P]`` (L2-normalised; ``pad`` / ``label_strings`` as in :func:`multi_label_contrastive`).
+    Not in the thesis: the image-level loss is satisfied by the mean of the groups, so nothing asks a group
+    to stand for one label; here a label is found only if one group alone matches it, which is what
+    zero-shot segmentation reads (each group takes the label it matches best)."""
+    b, k, p = labels.shape
+    if pad is None:
+        pad = torch.zeros(b, k, dtype=torch.bool, device=group_embeds.device)
+    labels = labels.masked_fill(pad.to(group_embeds.device).bool()[..., None], 0.0)
+    sims = torch.einsum("igp,lp->igl", group_embeds, labels.reshape(b * k, p))     # [B, G, B*K]
+    return _label_contrastive(scale * sims.max(1).values, b, k, pad, label_strings)
 
 
 def affinity_logits(group_embeds: torch.Tensor, label_embeds: torch.Tensor, scale: torch.Tensor | float):
@@ -423,6 +444,7 @@ class TrainConfig:
     w_se: float = 0.0
     w_dino: float = 0.0
     w_balance: float = 0.0          # group usage balance (group_balance_loss; not in the thesis)
+    w_group_label: float = 0.0      # group_label_contrastive (best group per label; not in the thesis)
     dino_backbone: str = "random_tiny8"
     dino_layer: int = 9
     dino_variant: str = "eq52"      # eq52 (thesis) | rownorm (row-normalised Attn^T Attn, per-image centred keys)
@@ -527,6 +549,9 @@ def compute_losses(model: gv.GroupViT, images: torch.Tensor, captions: list[str]
         if cfg.w_multi_label:
             losses["mlc"] = cfg.w_multi_label * multi_label_contrastive(img_all, gather(lab), ml_scale,
                                                                         gather(pad), strings)
+        if cfg.w_group_label:
+            losses["glc"] = cfg.w_group_label * group_label_contrastive(gather(out.group_embeds), gather(lab),
+                                                                        ml_scale, gather(pad), strings)
     if cfg.w_ge:
         losses["ge"] = cfg.w_ge * ge_loss(out.attn)
     if cfg.w_balance:

@@ -420,3 +420,25 @@ def test_image_encoder_starts_from_a_vit():
     assert torch.equal(model.state_dict()["img_encoder.layers.0.group_token"], before)   # groups keep their init
     with pytest.raises(ValueError, match="small128"):
         gt.init_image_encoder(gv.load("random:small"), vit)
+
+
+def test_group_label_contrastive_takes_the_best_group_per_label():
+    img, lab = _unit(4, 8, seed=3), _unit(4, 3, 8, seed=4)
+    pad = torch.tensor([[False, False, True], [False, True, True], [False, False, False], [True, True, True]])
+    strings = [["a", "b", "x"], ["a", "y", "z"], ["c", "d", "e"], ["p", "q", "r"]]
+    plain = gt.multi_label_contrastive(img, lab, 10.0, pad, strings)
+    # one group: the plain multi-label loss
+    assert torch.allclose(gt.group_label_contrastive(img[:, None], lab, 10.0, pad, strings), plain)
+    # a copy of the group changes nothing (a max, not a mean) ...
+    assert torch.allclose(gt.group_label_contrastive(torch.stack([img, img], 1), lab, 10.0, pad, strings), plain)
+    # ... a group equal to each label makes the loss drop: image i holds its own labels exactly
+    exact = lab.clone()                                                    # [B, K, P] as K groups
+    l_exact = gt.group_label_contrastive(exact, lab, 10.0, pad, strings)
+    assert float(l_exact) < float(plain)
+    # hand case: B=2, K=1, two groups; logits are the max over groups
+    g = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.6, 0.8], [0.8, -0.6]]], dtype=torch.float64)
+    t = torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]]], dtype=torch.float64)
+    m = torch.tensor([[1.0, 1.0], [0.8, 0.8]]) * 2.0                      # max_g over both labels: [i, label]
+    ce = lambda row, j: float(torch.logsumexp(row, 0) - row[j])           # noqa: E731
+    want = (ce(m[0], 0) + ce(m[1], 1)) / 2 + (ce(m[:, 0], 0) + ce(m[:, 1], 1)) / 2
+    assert math.isclose(float(gt.group_label_contrastive(g, t, 2.0)), want, rel_tol=1e-6)
