@@ -78,12 +78,18 @@ def multi_label_contrastive(img: torch.Tensor, labels: torch.Tensor, scale: torc
     every sum (neither positives nor negatives; their text->image terms are not averaged).
     ``label_strings`` (``B`` lists of ``K`` raw label strings): the non-noisy loss of section 5.10 - a label of
     image ``j`` equal to one of image ``i``'s is a positive for ``i`` too. Without repeats it equals the plain loss."""
+    b, k, _ = labels.shape
+    flat, pad = _null_pads(labels, pad)
+    return _label_contrastive(scale * img @ flat.T, b, k, pad, label_strings)      # logits [B, B*K]
+
+
+def _null_pads(labels: torch.Tensor, pad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``labels [B, K, P]`` flattened to ``[B*K, P]`` with the ``<PAD>`` embeddings nulled (section 5.7), and
+    ``pad [B, K]`` as a bool tensor on their device (all False when ``None``)."""
     b, k, p = labels.shape
-    if pad is None:
-        pad = torch.zeros(b, k, dtype=torch.bool, device=img.device)
-    labels = labels.masked_fill(pad.to(img.device).bool()[..., None], 0.0)   # null <PAD> embeddings (5.7)
-    logits = scale * img @ labels.reshape(b * k, p).T                           # [B, B*K]
-    return _label_contrastive(logits, b, k, pad, label_strings)
+    pad = torch.zeros(b, k, dtype=torch.bool) if pad is None else pad
+    pad = pad.to(labels.device).bool()
+    return labels.masked_fill(pad[..., None], 0.0).reshape(b * k, p), pad
 
 
 def _label_contrastive(logits: torch.Tensor, b: int, k: int, pad: torch.Tensor, label_strings=None) -> torch.Tensor:
@@ -116,11 +122,9 @@ def group_label_contrastive(group_embeds: torch.Tensor, labels: torch.Tensor, sc
     Not in the thesis: the image-level loss is satisfied by the mean of the groups, so nothing asks a group
     to stand for one label; here a label is found only if one group alone matches it, which is what
     zero-shot segmentation reads (each group takes the label it matches best)."""
-    b, k, p = labels.shape
-    if pad is None:
-        pad = torch.zeros(b, k, dtype=torch.bool, device=group_embeds.device)
-    labels = labels.masked_fill(pad.to(group_embeds.device).bool()[..., None], 0.0)
-    sims = torch.einsum("igp,lp->igl", group_embeds, labels.reshape(b * k, p))     # [B, G, B*K]
+    b, k, _ = labels.shape
+    flat, pad = _null_pads(labels, pad)
+    sims = torch.einsum("igp,lp->igl", group_embeds, flat)                          # [B, G, B*K]
     return _label_contrastive(scale * sims.max(1).values, b, k, pad, label_strings)
 
 
