@@ -685,8 +685,10 @@ def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None) -> 
         log.info("groupvit-train: tagger %s, %d images, %d steps/epoch", labeler.tagger.name, len(ds), len(loader))
 
     # model, optimiser
+    ckpt = out_dir / "last.pt"
+    resuming = cfg.resume and ckpt.is_file()
     model = model if model is not None else gv.load(cfg.model, seed=cfg.seed)
-    if cfg.init_image and not (cfg.resume and (out_dir / "last.pt").is_file()):
+    if cfg.init_image and not resuming:     # a resumed run has its own weights
         from . import backbones
         copied = init_image_encoder(model, backbones.load(cfg.init_image))
         if main:
@@ -708,8 +710,7 @@ def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None) -> 
     steps_per_epoch, step, start_epoch = len(loader), 0, 0
     total = cfg.epochs * steps_per_epoch
     warm = int(round(cfg.warmup_epochs * steps_per_epoch))
-    ckpt = out_dir / "last.pt"
-    if cfg.resume and ckpt.is_file():
+    if resuming:
         st = load_checkpoint(ckpt)
         model.load_state_dict(st["model"])
         if st.get("optimizer"):
