@@ -19,14 +19,15 @@ of ``patch_probes.py``): about 0.67 at 128 px, so a patch feature can reach the 
 
     python benchmarks/backbone_quality.py tiny_dino_synth [path.safetensors ...]   # 128 px, 200 images
 """
+
 from __future__ import annotations
 
 import argparse
 
 
 def main():
-    from nbsupport import backbones
-    from nbsupport.dino import backbone_quality, maskcut_ceiling, texture_reference
+    from nbsupport.models import backbones
+    from nbsupport.training.dino.quality import backbone_quality, maskcut_ceiling, texture_reference
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("backbones", nargs="+")
@@ -41,12 +42,16 @@ def main():
         model = backbones.load(name)
         for m in (model, backbones.random_like(model)):
             r = backbone_quality(m, args.size, args.images, tau, args.seed)
-            print(f"{backbones.describe(m)[:44]:<44} {r['patch AUC']:>9.3f} {r['overlap']:>8.3f} {r['mask AP']:>8.1f} "
-                  f"{r['mask AP50']:>6.1f} {r['BB precision']:>8.3f}")
+            print(
+                f"{backbones.describe(m)[:44]:<44} {r['patch AUC']:>9.3f} {r['overlap']:>8.3f} {r['mask AP']:>8.1f} "
+                f"{r['mask AP50']:>6.1f} {r['BB precision']:>8.3f}"
+            )
     r = texture_reference(args.size, args.images, args.seed)
     print(f"{'reference: hand-made texture descriptor (FFT)':<44} {r['patch AUC']:>9.3f} {r['overlap']:>8.3f}")
     r = maskcut_ceiling(args.size, args.images, tau, args.seed)
-    print(f"{'ceiling: ground-truth class one-hot keys':<44} {'':>9} {'':>8} {r['mask AP']:>8.1f} {r['mask AP50']:>6.1f}")
+    print(
+        f"{'ceiling: ground-truth class one-hot keys':<44} {'':>9} {'':>8} {r['mask AP']:>8.1f} {r['mask AP50']:>6.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ estimated need, two ``N x N`` float32 matrices plus their top-k scratch, exceeds
 
     python benchmarks/best_buddies.py [--k 1 5] [--chunk 512 1024 2048] [--threads 2] [--cases 14000x384 3025x6528]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ def one(n: int, d: int, k: int, chunk: int | None, only_setup: bool, threads: in
 
     import torch
 
-    from nbsupport.correspondences import relaxed_best_buddies
+    from nbsupport.analysis.correspondences import relaxed_best_buddies
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
@@ -68,14 +69,26 @@ def main():
         return
 
     def run(n, d, k, chunk, setup=False):
-        cmd = [sys.executable, __file__, "--threads", str(args.threads), "--_one", str(n), str(d), str(k), str(chunk),
-               "1" if setup else "0"]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--threads",
+            str(args.threads),
+            "--_one",
+            str(n),
+            str(d),
+            str(k),
+            str(chunk),
+            "1" if setup else "0",
+        ]
         return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
 
     import torch
 
-    print(f"torch {torch.__version__}, {args.threads} threads; memory = peak RSS (getrusage ru_maxrss) minus a "
-          f"setup-only process; available RAM {available_mb():.0f} MB")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads; memory = peak RSS (getrusage ru_maxrss) minus a "
+        f"setup-only process; available RAM {available_mb():.0f} MB"
+    )
     print(f"{'N x D':>13} {'k':>3} {'mode':>11} {'time (s)':>9} {'peak extra MB':>14} {'pairs':>7}")
     for case in args.cases:
         n, d = (int(v) for v in case.lower().split("x"))
@@ -84,14 +97,17 @@ def main():
             for mode in [*args.chunk, "dense"]:
                 label = "dense" if mode == "dense" else f"chunk {mode}"
                 if mode == "dense":
-                    need = 2 * n * n * 4 / 2 ** 20 * 1.5
+                    need = 2 * n * n * 4 / 2**20 * 1.5
                     if args.no_dense or need > available_mb() / 2:
                         why = "--no-dense" if args.no_dense else f"needs ~{need:.0f} MB > half the available RAM"
                         print(f"{n:>6} x {d:<5} {k:>3} {label:>11}   skipped ({why})")
                         continue
                 r = run(n, d, k, mode)
-                print(f"{n:>6} x {d:<5} {k:>3} {label:>11} {r['seconds']:>9.2f} {r['max_rss_mb'] - base:>14.0f} "
-                      f"{r['pairs']:>7}", flush=True)
+                print(
+                    f"{n:>6} x {d:<5} {k:>3} {label:>11} {r['seconds']:>9.2f} {r['max_rss_mb'] - base:>14.0f} "
+                    f"{r['pairs']:>7}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

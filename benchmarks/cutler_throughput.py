@@ -10,6 +10,7 @@ detectron2, Cascade R50-FPN, 16 images/batch over 8 GPUs, multi-scale 240-1024 p
     python benchmarks/cutler_throughput.py --device cuda --size 800 --batch 8 --steps 30
     python benchmarks/cutler_throughput.py --arch resnet18 --size 128 --threads 1   # small CPU check
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,8 @@ import torch
 
 
 def scenes(n: int, size: int, seed: int):
-    from nbsupport import cutler as C
     from nbsupport.data.synthetic import render_scene
+    from nbsupport.training import cutler as C
 
     rng = np.random.default_rng(seed)
     out = []
@@ -49,23 +50,29 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from nbsupport import cutler as C
+    from nbsupport.training import cutler as C
 
     torch.manual_seed(0)
     dev = torch.device(args.device)
-    model = C.build_model(args.arch, min_size=(args.size,), max_size=int(args.size * 1.667),
-                          min_size_test=args.size).to(dev).train()
+    model = (
+        C.build_model(args.arch, min_size=(args.size,), max_size=int(args.size * 1.667), min_size_test=args.size)
+        .to(dev)
+        .train()
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-5)
     amp = dev.type == "cuda" and not args.no_amp
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    data = [(im.to(dev), {k: v.to(dev) for k, v in t.items()}) for im, t in scenes(max(8, args.batch * 2), args.size, 0)]
+    data = [
+        (im.to(dev), {k: v.to(dev) for k, v in t.items()}) for im, t in scenes(max(8, args.batch * 2), args.size, 0)
+    ]
     gen = torch.Generator().manual_seed(0)
 
     def step(k):
         batch = [data[(k * args.batch + i) % len(data)] for i in range(args.batch)]
-        images, targets = C.augment_batch([b[0] for b in batch], [b[1] for b in batch], gen,
-                                          flip=True, do_copy_paste=not args.no_copy_paste)
+        images, targets = C.augment_batch(
+            [b[0] for b in batch], [b[1] for b in batch], gen, flip=True, do_copy_paste=not args.no_copy_paste
+        )
         with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
             loss = sum(model(images, targets).values())
         opt.zero_grad(set_to_none=True)
@@ -87,11 +94,19 @@ def main():
     if dev.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
-           "arch": args.arch, "size": args.size, "batch": args.batch, "amp": amp, "copy_paste": not args.no_copy_paste,
-           "steps": args.steps, "s_per_step": dt / args.steps, "images_per_s": args.batch * args.steps / dt}
+    res = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "arch": args.arch,
+        "size": args.size,
+        "batch": args.batch,
+        "amp": amp,
+        "copy_paste": not args.no_copy_paste,
+        "steps": args.steps,
+        "s_per_step": dt / args.steps,
+        "images_per_s": args.batch * args.steps / dt,
+    }
     if dev.type == "cuda":
-        res["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
+        res["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     print(json.dumps(res))
     if args.json:
         with open(args.json, "a") as f:

@@ -11,6 +11,7 @@ first ``--images`` synthetic validation scenes at ``--size`` px:
 
     python benchmarks/groupvit_grouping.py runs/tiny_groupvit_synth/last.pt small --size 64 --images 64
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,14 +20,19 @@ import json
 import numpy as np
 import torch
 
+from nbsupport.analysis import zero_shot
+from nbsupport.data import scenes
+
 
 def load(name: str):
-    from nbsupport import groupvit as gv
-    if name.endswith(".pt"):                          # a groupvit-train checkpoint (tensors only)
-        from nbsupport import grouptrain as gt
+    from nbsupport.models import groupvit as gv
+
+    if name.endswith(".pt"):  # a groupvit-train checkpoint (tensors only)
+        from nbsupport.training import groupvit as gt
+
         state = gt.load_checkpoint(name)
         arch = json.loads(state.get("config") or "{}").get("model", "small").removeprefix("random:")
-        model = gv.build(arch if arch in gv.CONFIGS else "small")   # else (a file path): assumed "small"
+        model = gv.build(arch if arch in gv.CONFIGS else "small")  # else (a file path): assumed "small"
         model.load_state_dict(state["model"])
         return model.eval()
     return gv.load(name).eval()
@@ -34,30 +40,38 @@ def load(name: str):
 
 @torch.no_grad()
 def diagnose(model, images: torch.Tensor, semantic: torch.Tensor) -> dict:
-    from nbsupport import grouptrain as gt, groupvit as gv, text as textmod
-    names, bgs = gt.synthetic_class_names("name")
+    from nbsupport.data import caption_labels as textmod
+    from nbsupport.models import groupvit as gv
+
+    names, bgs = scenes.synthetic_class_names("name")
     te = gv.text_embeddings(model, list(names) + list(bgs), textmod.TEMPLATES)
     out = model.encode_image(images)
     size = tuple(images.shape[-2:])
-    score = out.image_embeds @ te[:len(names)].T                          # [n, C]
+    score = out.image_embeds @ te[: len(names)].T  # [n, C]
     hit = tot = 0
     used, largest, best_iou = [], [], []
     for i in range(len(images)):
         present = {int(c) for c in semantic[i].unique() if c > 0}
         top = set((score[i].topk(len(present)).indices + 1).tolist()) if present else set()
         hit, tot = hit + len(present & top), tot + len(present)
-        g = gv.resize_attn(out.attn[i], out.grid, size).argmax(0)         # [H, W] group per pixel
+        g = gv.resize_attn(out.attn[i], out.grid, size).argmax(0)  # [H, W] group per pixel
         share = torch.bincount(g.flatten(), minlength=out.attn.shape[1]).float() / g.numel()
         used.append(int((share > 0).sum()))
         largest.append(float(share.max()))
         for c in present:
             obj = semantic[i] == c
-            best_iou.append(max(float((g == k)[obj].sum()) / float(((g == k) | obj).sum())
-                                for k in range(out.attn.shape[1])))
-    r = gt.zero_shot_miou(model, images, semantic, names, bgs)
-    return {"image_recall": hit / max(tot, 1), "groups_used": float(np.mean(used)),
-            "largest_group_share": float(np.mean(largest)), "best_group_iou": float(np.mean(best_iou)),
-            "miou": r["miou"], "iou": [round(x, 1) for x in r["iou"]]}
+            best_iou.append(
+                max(float((g == k)[obj].sum()) / float(((g == k) | obj).sum()) for k in range(out.attn.shape[1]))
+            )
+    r = zero_shot.zero_shot_miou(model, images, semantic, names, bgs)
+    return {
+        "image_recall": hit / max(tot, 1),
+        "groups_used": float(np.mean(used)),
+        "largest_group_share": float(np.mean(largest)),
+        "best_group_iou": float(np.mean(best_iou)),
+        "miou": r["miou"],
+        "iou": [round(x, 1) for x in r["iou"]],
+    }
 
 
 def main(argv=None) -> int:
@@ -69,8 +83,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    from nbsupport import grouptrain as gt
-    images, semantic = gt.synthetic_scenes(a.images, 0, a.size)
+    images, semantic = scenes.synthetic_scenes(a.images, 0, a.size)
     for name in a.models:
         r = diagnose(load(name), images, semantic)
         print(json.dumps({"model": name, **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}}))

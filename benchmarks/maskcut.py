@@ -8,6 +8,7 @@ block at 480 px) + MaskCut on synthetic scenes, on CPU and on CUDA when present.
 
     python benchmarks/maskcut.py [--images 3] [--backbone random_vits8] [--pipeline-images 4]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,10 @@ def main():
     ap.add_argument("--pipeline-images", type=int, default=4)
     ap.add_argument("--size", type=int, default=480)
     args = ap.parse_args()
-    from nbsupport import backbones, features, maskcut as mc
-    from nbsupport.data import image_to_tensor
+    from nbsupport import maskcut as mc
+    from nbsupport.data.images import image_to_tensor
     from nbsupport.data.synthetic import render_scene
+    from nbsupport.models import backbones, features
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"threads: {torch.get_num_threads()}")
@@ -56,19 +58,22 @@ def main():
                 u = (a[k] | b[k]).sum().item()
                 agree += u == 0 or (a[k] & b[k]).sum().item() / u >= 0.99
                 total += 1
-        print(f"{d:>5} {np.mean(ours):>11.3f} {np.mean(ref):>12.3f} {np.mean(ref) / np.mean(ours):>6.1f} "
-              f"{agree:>8}/{total:<7} {mc.STATS.fallbacks:>9}")
+        print(
+            f"{d:>5} {np.mean(ours):>11.3f} {np.mean(ref):>12.3f} {np.mean(ref) / np.mean(ours):>6.1f} "
+            f"{agree:>8}/{total:<7} {mc.STATS.fallbacks:>9}"
+        )
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         model = backbones.load(args.backbone, device=dev)
-        imgs = torch.stack([image_to_tensor(render_scene(i, size=args.size).image, args.size)
-                            for i in range(args.pipeline_images)]).to(dev)
+        imgs = torch.stack(
+            [image_to_tensor(render_scene(i, size=args.size).image, args.size) for i in range(args.pipeline_images)]
+        ).to(dev)
         features.extract(model, imgs[:1], "key", -1)  # warm-up
         if dev == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        feats = torch.cat([features.extract(model, imgs[i:i + 8], "key", -1) for i in range(0, len(imgs), 8)])
+        feats = torch.cat([features.extract(model, imgs[i : i + 8], "key", -1) for i in range(0, len(imgs), 8)])
         if dev == "cuda":
             torch.cuda.synchronize()
         t_fwd = time.perf_counter() - t
@@ -76,8 +81,10 @@ def main():
         mc.maskcut(feats, 3, tau="median")
         t_mc = time.perf_counter() - t
         n = len(imgs)
-        print(f"pipeline {dev}: {backbones.describe(model)} at {args.size} px, {n} images: forward "
-              f"{t_fwd / n:.3f} s/img, maskcut {t_mc / n:.3f} s/img, total {n / (t_fwd + t_mc):.2f} images/s")
+        print(
+            f"pipeline {dev}: {backbones.describe(model)} at {args.size} px, {n} images: forward "
+            f"{t_fwd / n:.3f} s/img, maskcut {t_mc / n:.3f} s/img, total {n / (t_fwd + t_mc):.2f} images/s"
+        )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ The tiny DINO is judged on same- vs different-class patch-key similarity (ROC AU
 
     python benchmarks/patch_probes.py --minutes 7 --size 64 --images 48
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,21 +22,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nbsupport.analysis import grid_truth
+
 
 def _val(size: int, n_images: int):
-    from nbsupport import affinity
-    from nbsupport.data import CocoInstances, image_to_tensor
+    from nbsupport.data.coco import CocoInstances
+    from nbsupport.data.images import image_to_tensor
     from nbsupport.data.synthetic import synthetic_dataset
 
     root = synthetic_dataset(n_images=n_images, seed=0, size=size, split="val")
     coco = CocoInstances(root / "instances_val.json")
     ids = coco.image_ids
     imgs = torch.stack([image_to_tensor(coco.load(i), size) for i in ids])
-    return imgs, lambda grid: np.stack([affinity.labels_on_grid(coco.semantic_mask(i), grid) for i in ids])
+    return imgs, lambda grid: np.stack([grid_truth.labels_on_grid(coco.semantic_mask(i), grid) for i in ids])
 
 
 def _auc(feats, sem) -> float:
-    from nbsupport import affinity
+    from nbsupport.analysis import affinity
 
     intra, inter = affinity.patch_pairs(feats, sem, "cosine", 20000, 0)
     return affinity.separability(intra, inter)["auc"]
@@ -43,10 +46,10 @@ def _auc(feats, sem) -> float:
 
 def descriptors(imgs: torch.Tensor, sem: np.ndarray, p: int = 8, seed: int = 0) -> dict:
     """AUC of raw RGB patches, of |FFT| of standardised grayscale patches, and of a noisy one-hot label."""
-    from nbsupport.dino import fft_texture
+    from nbsupport.training.dino.quality import fft_texture
 
-    patches = imgs.unfold(2, p, p).unfold(3, p, p)               # [B, 3, h, w, p, p]
-    fft = fft_texture(imgs.mean(1), p)                            # [B, h, w, p*p]
+    patches = imgs.unfold(2, p, p).unfold(3, p, p)  # [B, 3, h, w, p, p]
+    fft = fft_texture(imgs.mean(1), p)  # [B, h, w, p*p]
     rgb = patches.permute(0, 2, 3, 1, 4, 5).flatten(3)
     g = torch.Generator().manual_seed(seed)
     onehot = F.one_hot(torch.from_numpy(sem).clamp(min=0), 7).float()
@@ -56,9 +59,9 @@ def descriptors(imgs: torch.Tensor, sem: np.ndarray, p: int = 8, seed: int = 0) 
 
 def supervised_twin(minutes: float, size: int, seed: int = 0, batch: int = 32):
     """ViT 4x128/8 (the tiny DINO's architecture) trained on per-patch labels of synthetic train scenes."""
-    from nbsupport import affinity, backbones
-    from nbsupport.data import image_to_tensor
+    from nbsupport.data.images import image_to_tensor
     from nbsupport.data.synthetic import render_scene, scene_rng
+    from nbsupport.models import backbones
 
     torch.manual_seed(seed)
     arch = backbones.Arch(8, 128, 4, 4, img_size=size)
@@ -72,11 +75,15 @@ def supervised_twin(minutes: float, size: int, seed: int = 0, batch: int = 32):
     while time.time() - t0 < 60 * minutes:
         scenes = [render_scene(scene_rng(seed, "train", step * batch + k), size=size) for k in range(batch)]
         x = torch.stack([image_to_tensor(s.image) for s in scenes])
-        y = torch.stack([torch.from_numpy(affinity.labels_on_grid(s.semantic, (h, h), ignore=None, min_fraction=0.0))
-                         for s in scenes])
+        y = torch.stack(
+            [
+                torch.from_numpy(grid_truth.labels_on_grid(s.semantic, (h, h), ignore=None, min_fraction=0.0))
+                for s in scenes
+            ]
+        )
         if step % 2:
             x, y = x.flip(-1), y.flip(-1)
-        x = x[:, torch.randperm(3)]                                # colour carries no class information
+        x = x[:, torch.randperm(3)]  # colour carries no class information
         loss = F.cross_entropy(head(model.forward_features(x)[:, 1:]).reshape(-1, 7), y.reshape(-1))
         opt.zero_grad()
         loss.backward()
@@ -94,7 +101,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from nbsupport import features
+    from nbsupport.models import features
 
     imgs, sem_at = _val(args.size, args.images)
     h = args.size // 8
@@ -106,8 +113,10 @@ def main():
         with torch.no_grad():
             pred = head(model.forward_features(imgs)[:, 1:]).argmax(-1).reshape(-1, h, h).numpy()
             obj = sem > 0
-            print(f"supervised twin: {steps} steps, object-patch accuracy {(pred[obj] == sem[obj]).mean():.3f} "
-                  f"(chance {1 / 6:.3f})")
+            print(
+                f"supervised twin: {steps} steps, object-patch accuracy {(pred[obj] == sem[obj]).mean():.3f} "
+                f"(chance {1 / 6:.3f})"
+            )
             for layer in range(len(model.blocks)):
                 aucs = [_auc(features.extract(model, imgs, f, layer), sem) for f in ("key", "token")]
                 print(f"  block {layer}: key AUC {aucs[0]:.3f}  token AUC {aucs[1]:.3f}")

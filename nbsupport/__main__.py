@@ -1,25 +1,16 @@
-"""``python -m nbsupport <command>``: every module with a command line registers it here."""
+"""``python -m nbsupport <command>``: the command line of every room, in one parser.
+
+Each module in :data:`CLI_MODULES` exposes ``add_cli(subparsers)``; nothing imports this module.
+"""
+
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
-# Modules that may offer subcommands (each exposes ``add_cli(subparsers)``); missing ones are skipped.
-CLI_MODULES = ("runner", "maskcut", "cutler", "groupvit", "dino", "grouptrain")
-
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-def cli_bool(text: str) -> bool:
-    """``type=`` for boolean options (``--flag true`` / ``--flag off``); anything else is an error, so a typo
-    such as ``--amp flase`` stops the command instead of silently meaning False."""
-    t = str(text).strip().lower()
-    if t in _TRUE:
-        return True
-    if t in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean ({'/'.join(_TRUE)} or {'/'.join(_FALSE)}), got {text!r}")
+# Modules that offer subcommands; a missing optional one is skipped.
+CLI_MODULES = ("notebook.runner", "maskcut.cli", "training.cutler.cli", "training.dino.cli", "training.groupvit.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name == f"nbsupport.{name}":
                 continue
             raise
-        if hasattr(mod, "add_cli"):
-            mod.add_cli(sub)
+        mod.add_cli(sub)
     return parser
 
 

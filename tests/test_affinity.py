@@ -1,4 +1,5 @@
 """Affinity math: parity with scipy / sklearn / numpy, hand-computed cases and planted structure."""
+
 from collections import Counter
 
 import numpy as np
@@ -8,7 +9,7 @@ from scipy.spatial.distance import cdist
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from nbsupport import affinity
+from nbsupport.analysis import affinity, grid_truth
 
 
 @pytest.fixture
@@ -19,8 +20,11 @@ def ab():
 
 # ---------------------------------------------------------------- measures
 
-@pytest.mark.parametrize("measure,metric", [("cosine", "cosine"), ("euclidean", "euclidean"),
-                                            ("manhattan", "cityblock"), ("chebyshev", "chebyshev")])
+
+@pytest.mark.parametrize(
+    "measure,metric",
+    [("cosine", "cosine"), ("euclidean", "euclidean"), ("manhattan", "cityblock"), ("chebyshev", "chebyshev")],
+)
 def test_pairwise_matches_scipy(ab, measure, metric):
     a, b = ab
     got = affinity.pairwise(a, b, measure, chunk=5, dtype=torch.float64).numpy()
@@ -37,7 +41,7 @@ def test_pairwise_matches_scipy(ab, measure, metric):
 def test_pearson_dot_and_paired(ab):
     a, b = ab
     got = affinity.pairwise(a, b, "pearson", dtype=torch.float64).numpy()
-    np.testing.assert_allclose(got, np.corrcoef(a, b)[: len(a), len(a):], atol=1e-10)
+    np.testing.assert_allclose(got, np.corrcoef(a, b)[: len(a), len(a) :], atol=1e-10)
     np.testing.assert_allclose(affinity.pairwise(a, b, "dot", dtype=torch.float64).numpy(), a @ b.T, atol=1e-10)
     for m in affinity.MEASURES:
         full = affinity.pairwise(a[:20], b[:20], m, dtype=torch.float64).numpy()
@@ -45,7 +49,11 @@ def test_pearson_dot_and_paired(ab):
         assert isinstance(p, np.ndarray) and p.shape == (20,)
         np.testing.assert_allclose(p, np.diag(full), atol=1e-9)
     assert set(affinity.MEASURES) >= {"cosine", "dot", "euclidean", "manhattan", "pearson", "chebyshev"}
-    assert [m for m, v in affinity.MEASURES.items() if not v.higher_is_similar] == ["euclidean", "manhattan", "chebyshev"]
+    assert [m for m, v in affinity.MEASURES.items() if not v.higher_is_similar] == [
+        "euclidean",
+        "manhattan",
+        "chebyshev",
+    ]
 
 
 def test_pairwise_chunked_equals_unchunked_and_errors(ab):
@@ -56,10 +64,12 @@ def test_pairwise_chunked_equals_unchunked_and_errors(ab):
         # same numbers up to float32 rounding of the BLAS blocking
         torch.testing.assert_close(affinity.pairwise(a, b, m, chunk=4), full, rtol=1e-6, atol=1e-5)
     self_aff = affinity.pairwise(a, None, "euclidean", dtype=torch.float64).numpy()
-    np.testing.assert_allclose(self_aff, cdist(a, a), atol=1e-6)   # fast |a|^2+|b|^2-2ab path
+    np.testing.assert_allclose(self_aff, cdist(a, a), atol=1e-6)  # fast |a|^2+|b|^2-2ab path
     # features with a large shared offset (as ViT keys have): float32 distances stay accurate
     off = torch.from_numpy(a).float() + 100.0
-    np.testing.assert_allclose(affinity.pairwise(off, None, "euclidean").numpy(), cdist(a, a), atol=1e-2)  # uncentred: 0.1+
+    np.testing.assert_allclose(
+        affinity.pairwise(off, None, "euclidean").numpy(), cdist(a, a), atol=1e-2
+    )  # uncentred: 0.1+
     with pytest.raises(ValueError, match=r"unknown measure 'hamming'.*cosine"):
         affinity.pairwise(a, b, "hamming")
     with pytest.raises(ValueError, match="same D"):
@@ -91,6 +101,7 @@ def test_image_descriptor():
 
 # ---------------------------------------------------------------- pairs, AUC, overlap
 
+
 def test_pair_sampling_is_exact_uniform_and_seeded():
     n = 37
     k = np.arange(n * (n - 1) // 2)
@@ -120,7 +131,7 @@ def test_same_vs_different_counts_and_sampling():
     np.testing.assert_allclose(same, s0, atol=1e-10)
     np.testing.assert_allclose(diff, d0, atol=1e-10)
     ss, dd = affinity.same_vs_different(desc, labels, "euclidean", max_pairs=1000, rng=1)
-    assert len(ss) + len(dd) == 1000 and 200 < len(ss) < 470   # ~1/3 same-label pairs
+    assert len(ss) + len(dd) == 1000 and 200 < len(ss) < 470  # ~1/3 same-label pairs
     assert set(ss.tolist()) <= set(same.tolist())
     ss2, _ = affinity.same_vs_different(desc, labels, "euclidean", max_pairs=1000, rng=1)
     assert np.array_equal(ss, ss2)
@@ -152,7 +163,7 @@ def test_overlap_known_values():
 def test_separability_hand_values():
     s = affinity.separability([1.0, 3.0], [0.0, 0.0, 2.0, 2.0])
     assert s["mean_same"] == 2.0 and s["mean_diff"] == 1.0 and s["d_prime"] == pytest.approx(1.0)
-    assert s["auc"] == pytest.approx(6 / 8)     # 1 beats 0, 0; loses to 2, 2; 3 beats all four
+    assert s["auc"] == pytest.approx(6 / 8)  # 1 beats 0, 0; loses to 2, 2; 3 beats all four
     assert s["n_same"] == 2 and s["n_diff"] == 4
     # a tie counts 1/2: 1 vs [0, 1, 2, 2] -> 1.5, 3 -> 4
     assert affinity.separability([1.0, 3.0], [0.0, 1.0, 2.0, 2.0])["auc"] == pytest.approx(5.5 / 8)
@@ -184,24 +195,22 @@ def test_planted_classes_are_separable_and_table():
 
 # ---------------------------------------------------------------- ground truth on the grid
 
+
 def test_labels_on_grid_hand_case():
-    sem = np.array([[1, 1, 2, 2],
-                    [1, 0, 2, 2],
-                    [0, 0, 255, 255],
-                    [0, 3, 255, 3]])
-    assert affinity.labels_on_grid(sem, (2, 2)).tolist() == [[1, 2], [0, -1]]
-    assert affinity.labels_on_grid(sem, (2, 2), min_fraction=0.8).tolist() == [[-1, 2], [-1, -1]]
-    assert affinity.labels_on_grid(sem, (2, 2), ignore=None).tolist() == [[1, 2], [0, 255]]
+    sem = np.array([[1, 1, 2, 2], [1, 0, 2, 2], [0, 0, 255, 255], [0, 3, 255, 3]])
+    assert grid_truth.labels_on_grid(sem, (2, 2)).tolist() == [[1, 2], [0, -1]]
+    assert grid_truth.labels_on_grid(sem, (2, 2), min_fraction=0.8).tolist() == [[-1, 2], [-1, -1]]
+    assert grid_truth.labels_on_grid(sem, (2, 2), ignore=None).tolist() == [[1, 2], [0, 255]]
     with pytest.raises(ValueError, match="grid_hw"):
-        affinity.labels_on_grid(sem, (5, 2))
+        grid_truth.labels_on_grid(sem, (5, 2))
 
 
 def test_labels_on_grid_matches_loop_on_uneven_grid():
     g = np.random.default_rng(4)
     sem = g.integers(0, 3, size=(13, 11))
-    sem[:7, :5] = 2      # a big block so that some cells have a clear majority
+    sem[:7, :5] = 2  # a big block so that some cells have a clear majority
     h, w = 4, 3
-    got = affinity.labels_on_grid(sem, (h, w), min_fraction=0.5)
+    got = grid_truth.labels_on_grid(sem, (h, w), min_fraction=0.5)
     for cy in range(h):
         for cx in range(w):
             ys = [y for y in range(13) if y * h // 13 == cy]
@@ -215,19 +224,20 @@ def test_labels_on_grid_matches_loop_on_uneven_grid():
 
 def test_instance_and_masks_on_grid():
     masks = np.zeros((2, 4, 4), bool)
-    masks[0, :2, :2] = True          # cell (0, 0) entirely
-    masks[1, 1:4, 1:4] = True        # overlaps mask 0 at pixel (1, 1)
-    inst = affinity.instance_on_grid(masks, (2, 2))
+    masks[0, :2, :2] = True  # cell (0, 0) entirely
+    masks[1, 1:4, 1:4] = True  # overlaps mask 0 at pixel (1, 1)
+    inst = grid_truth.instance_on_grid(masks, (2, 2))
     # id map: mask 1 (id 2) wins the overlap -> cell (0,0) has ids [1,1,1,2] -> 1
     assert inst.tolist() == [[1, 0], [0, 2]]
-    on_grid = affinity.masks_on_grid(masks, (2, 2))
+    on_grid = grid_truth.masks_on_grid(masks, (2, 2))
     assert on_grid[0].tolist() == [[True, False], [False, False]]
     # mask 1 covers cells (0,1): 2/4, (1,0): 2/4, (1,1): 4/4, (0,0): 1/4
     assert on_grid[1].tolist() == [[False, True], [True, True]]
-    assert affinity.masks_on_grid(masks, (2, 2), min_fraction=0.75)[1].tolist() == [[False, False], [False, True]]
+    assert grid_truth.masks_on_grid(masks, (2, 2), min_fraction=0.75)[1].tolist() == [[False, False], [False, True]]
 
 
 # ---------------------------------------------------------------- intra / inter patch pairs (MMC b)
+
 
 def image_class_features():
     """Patch feature = e_class + e_(4 + image): cos is 1 (same class, same image), 0.5 (same class,
@@ -245,7 +255,7 @@ def image_class_features():
     return f, labels
 
 
-@pytest.mark.parametrize("limit", [1_000_000, 0])   # exact enumeration, then sampling
+@pytest.mark.parametrize("limit", [1_000_000, 0])  # exact enumeration, then sampling
 def test_patch_pairs_planted_image_and_class(limit):
     f, labels = image_class_features()
     kw = dict(max_pairs=300, rng=0, enumerate_limit=limit)
@@ -266,8 +276,7 @@ def test_patch_pairs_planted_image_and_class(limit):
 def test_patch_pairs_exact_counts_against_brute_force():
     g = torch.Generator().manual_seed(1)
     f = torch.randn(2, 3, 3, 6, generator=g)
-    labels = np.array([[[1, 1, 2], [0, 2, 2], [1, -1, 0]],
-                       [[2, 2, 2], [1, 0, 0], [0, 1, 1]]])
+    labels = np.array([[[1, 1, 2], [0, 2, 2], [1, -1, 0]], [[2, 2, 2], [1, 0, 0], [0, 1, 1]]])
     ff, ll = f.reshape(-1, 6).double(), labels.ravel()
     img = np.repeat([0, 1], 9)
     for within in (None, True, False):
@@ -311,6 +320,7 @@ def test_intra_inter_on_planted_patches():
 
 # ---------------------------------------------------------------- affinity, prompt-patch segmentation (MMC a)
 
+
 def grid_with_square():
     f = torch.zeros(8, 8, 4)
     f[..., 1] = 1.0
@@ -342,7 +352,7 @@ def test_threshold_sweep_hand_computed():
     masks[1, 3:5, 3:6] = True
     df = affinity.threshold_sweep_miou(torch.stack([f, f]), [masks, masks[1]], ts=(0.1, 0.2, 0.3, 0.4))
     assert len(df) == 3 and df.attrs["thresholds"] == [0.1, 0.2, 0.3, 0.4]
-    assert (df.y[0], df.x[0]) == (0, 0)   # every patch of a 2-row object is 1 from the border: lowest index
+    assert (df.y[0], df.x[0]) == (0, 0)  # every patch of a 2-row object is 1 from the border: lowest index
     summ = affinity.sweep_summary(df)
     assert summ == pytest.approx({0.1: 0.5, 0.2: 0.5, 0.3: 1.0, 0.4: 1.0, "opt": 1.0})
     rnd = affinity.threshold_sweep_miou([f], [masks], ts=(0.1, 0.3), mode="random", rng=2)
@@ -356,7 +366,7 @@ def test_prompt_point_is_the_centre():
     m[2:7, 3:8] = True
     assert affinity.sample_prompt_points(m) == (4, 5)
     m2 = np.zeros((6, 6), bool)
-    m2[0:5, 0:5] = True            # touches the border: the grid edge counts as outside
+    m2[0:5, 0:5] = True  # touches the border: the grid edge counts as outside
     assert affinity.sample_prompt_points(m2) == (2, 2)
     pts = {affinity.sample_prompt_points(m, "random", rng=r) for r in range(20)}
     assert all(m[p] for p in pts) and len(pts) > 5
@@ -375,7 +385,7 @@ def test_similarity_map_and_affinity():
     assert torch.allclose(v[0, 0], torch.tensor(1.0))
     A = affinity.patch_affinity(f)
     assert A.shape == (64, 64) and torch.allclose(A, A.T) and torch.allclose(A.diagonal(), torch.ones(64))
-    assert A[2 * 8 + 3, 4 * 8 + 6] == 1.0 and A[0, 2 * 8 + 3] == 0.0   # row-major patch order
+    assert A[2 * 8 + 3, 4 * 8 + 6] == 1.0 and A[0, 2 * 8 + 3] == 0.0  # row-major patch order
     D = affinity.patch_affinity(f, "euclidean", dtype=torch.float64)
     np.testing.assert_allclose(D.numpy(), cdist(f.reshape(64, 4), f.reshape(64, 4)), atol=1e-12)
     with pytest.raises(ValueError, match="query"):
@@ -385,6 +395,7 @@ def test_similarity_map_and_affinity():
 
 
 # ---------------------------------------------------------------- LarvSeg prototypes, mIoU
+
 
 def test_prototype_segmentation_and_miou():
     f, m = grid_with_square()
@@ -409,5 +420,9 @@ def test_prototype_segmentation_noisy_planted():
     scores = [affinity.miou(affinity.prototype_response_segmentation(f, labels, rng=r), labels) for r in range(5)]
     assert min(scores) > 0.95
     shuffled = f.reshape(100, 16)[torch.randperm(100, generator=g)].reshape(10, 10, 16)
-    assert np.mean([affinity.miou(affinity.prototype_response_segmentation(shuffled, labels, rng=r), labels)
-                    for r in range(5)]) < 0.6
+    assert (
+        np.mean(
+            [affinity.miou(affinity.prototype_response_segmentation(shuffled, labels, rng=r), labels) for r in range(5)]
+        )
+        < 0.6
+    )

@@ -1,11 +1,12 @@
 """Backbone loading: official key layout, cache, offline errors, safetensors, bad checkpoints."""
+
 import shutil
 import urllib.error
 
 import pytest
 import torch
 
-from nbsupport import backbones, features
+from nbsupport.models import backbones, checkpoints, features
 
 
 def official_layout(dim=384, depth=12, patch=8, img=224, seed=0):
@@ -16,18 +17,30 @@ def official_layout(dim=384, depth=12, patch=8, img=224, seed=0):
         return torch.randn(*shape, generator=g) * 0.02
 
     n = (img // patch) ** 2
-    sd = {"cls_token": r(1, 1, dim), "pos_embed": r(1, n + 1, dim),
-          "patch_embed.proj.weight": r(dim, 3, patch, patch), "patch_embed.proj.bias": r(dim)}
+    sd = {
+        "cls_token": r(1, 1, dim),
+        "pos_embed": r(1, n + 1, dim),
+        "patch_embed.proj.weight": r(dim, 3, patch, patch),
+        "patch_embed.proj.bias": r(dim),
+    }
     for i in range(depth):
         p = f"blocks.{i}."
-        sd.update({
-            p + "norm1.weight": 1 + r(dim), p + "norm1.bias": r(dim),
-            p + "attn.qkv.weight": r(3 * dim, dim), p + "attn.qkv.bias": r(3 * dim),
-            p + "attn.proj.weight": r(dim, dim), p + "attn.proj.bias": r(dim),
-            p + "norm2.weight": 1 + r(dim), p + "norm2.bias": r(dim),
-            p + "mlp.fc1.weight": r(4 * dim, dim), p + "mlp.fc1.bias": r(4 * dim),
-            p + "mlp.fc2.weight": r(dim, 4 * dim), p + "mlp.fc2.bias": r(dim),
-        })
+        sd.update(
+            {
+                p + "norm1.weight": 1 + r(dim),
+                p + "norm1.bias": r(dim),
+                p + "attn.qkv.weight": r(3 * dim, dim),
+                p + "attn.qkv.bias": r(3 * dim),
+                p + "attn.proj.weight": r(dim, dim),
+                p + "attn.proj.bias": r(dim),
+                p + "norm2.weight": 1 + r(dim),
+                p + "norm2.bias": r(dim),
+                p + "mlp.fc1.weight": r(4 * dim, dim),
+                p + "mlp.fc1.bias": r(4 * dim),
+                p + "mlp.fc2.weight": r(dim, 4 * dim),
+                p + "mlp.fc2.bias": r(dim),
+            }
+        )
     sd["norm.weight"], sd["norm.bias"] = 1 + r(dim), r(dim)
     return sd
 
@@ -80,7 +93,7 @@ def test_official_name_uses_cache_and_pins_hash(vits8_file, cache, monkeypatch):
     with open(path, "r+b") as f:
         f.seek(-8, 2)
         f.write(b"\0" * 8)
-    with pytest.raises(backbones.CheckpointError, match="sha256"):
+    with pytest.raises(checkpoints.CheckpointError, match="sha256"):
         backbones.load("dino_vits8")
 
 
@@ -88,7 +101,7 @@ def test_size_check(vits8_file, cache):
     dst = backbones.expected_path("dino_vits8")
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(vits8_file, dst)  # not the 86,728,949 bytes of the real file
-    with pytest.raises(backbones.CheckpointError, match="86728949"):
+    with pytest.raises(checkpoints.CheckpointError, match="86728949"):
         backbones.load("dino_vits8")
 
 
@@ -97,7 +110,7 @@ def test_offline_error_names_url_and_path(cache, monkeypatch):
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    with pytest.raises(backbones.WeightsUnavailableError) as e:
+    with pytest.raises(checkpoints.WeightsUnavailableError) as e:
         backbones.load("dino_vitb8")
     msg = str(e.value)
     assert "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth" in msg
@@ -147,21 +160,21 @@ def test_bad_checkpoints(tmp_path):
         backbones.load("dino_vits9")
     bad = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, bad)
-    with pytest.raises(backbones.CheckpointError, match="not a ViT"):
+    with pytest.raises(checkpoints.CheckpointError, match="not a ViT"):
         backbones.load(bad)
     pickled = tmp_path / "object.pth"
     torch.save({"obj": Evil()}, pickled)
-    with pytest.raises(backbones.CheckpointError, match="weights_only"):
+    with pytest.raises(checkpoints.CheckpointError, match="weights_only"):
         backbones.load(pickled)
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a safetensors file")
-    with pytest.raises(backbones.CheckpointError, match="broken.safetensors"):
+    with pytest.raises(checkpoints.CheckpointError, match="broken.safetensors"):
         backbones.load(broken)
     sd = official_layout(dim=64, depth=1, patch=16, img=64)
     sd.pop("blocks.0.attn.proj.bias")
     missing = tmp_path / "missing.pth"
     torch.save(sd, missing)
-    with pytest.raises(backbones.CheckpointError, match="attn.proj.bias"):
+    with pytest.raises(checkpoints.CheckpointError, match="attn.proj.bias"):
         backbones.load(missing)
     with pytest.raises(FileNotFoundError):
         backbones.load(tmp_path / "nope.pth")
@@ -169,7 +182,7 @@ def test_bad_checkpoints(tmp_path):
 
 def test_reserved_shipped_name_gives_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(backbones.SHIPPED, "tiny_dino_synth", "weights/definitely_missing.safetensors")
-    with pytest.raises(backbones.WeightsUnavailableError, match="definitely_missing.safetensors.*random_vits8"):
+    with pytest.raises(checkpoints.WeightsUnavailableError, match="definitely_missing.safetensors.*random_vits8"):
         backbones.load("tiny_dino_synth")
 
 
@@ -179,7 +192,8 @@ def test_shipped_tiny_dino_loads_by_name_offline():
     carries its training command, and is not its random-init twin."""
     from safetensors import safe_open
 
-    from nbsupport import features, paths
+    from nbsupport.core import paths
+    from nbsupport.models import features
 
     m = backbones.load("tiny_dino_synth")
     info = m.nbs_info

@@ -1,11 +1,13 @@
 """Best buddies: planted permutations, relaxed superset, symmetry, chunked == dense, ties, saliency
 filtering, k-means selection, coordinates and the ground-truth precision."""
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nbsupport import backbones, correspondences as cc
+from nbsupport.analysis import correspondences as cc
+from nbsupport.models import backbones
 
 
 def planted(n=300, d=64, noise=0.05, seed=0):
@@ -115,8 +117,16 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="desc_a is empty"):
         cc.best_buddies(torch.zeros(0, 4), torch.randn(3, 4))
     with pytest.raises(ValueError, match="foreground"):
-        cc.match((torch.ones(1, 2), torch.ones(1, 1), (1, 1)), (torch.ones(1, 2), torch.ones(1, 1), (1, 1)),
-                 (8, 8), (8, 8), 8, 8, 8, foreground="both")
+        cc.match(
+            (torch.ones(1, 2), torch.ones(1, 1), (1, 1)),
+            (torch.ones(1, 2), torch.ones(1, 1), (1, 1)),
+            (8, 8),
+            (8, 8),
+            8,
+            8,
+            8,
+            foreground="both",
+        )
 
 
 def test_saliency_filter_drops_pairs_with_a_background_end():

@@ -1,16 +1,15 @@
 """`python -m nbsupport cutler train|predict|eval|selftrain` end to end on the smoke recipe (CPU, 64 px)."""
+
 import json
 import os
 import subprocess
 import sys
-
 import warnings
 
 import pytest
 import torch
 
 from nbsupport.__main__ import main as nbmain
-
 from nbsupport.data.synthetic import make_dataset
 
 torch.set_num_threads(1)
@@ -18,18 +17,30 @@ torch.set_num_threads(1)
 
 def run_cli(args):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "nbsupport", "cutler", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "nbsupport", "cutler", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
-SMALL = ["-o", "min_size=[64]", "-o", "max_size=64", "-o", "min_size_test=64", "-o", "max_iter=2",
-         "-o", "checkpoint_period=1", "--no-progress"]
+SMALL = [
+    "-o",
+    "min_size=[64]",
+    "-o",
+    "max_size=64",
+    "-o",
+    "min_size_test=64",
+    "-o",
+    "max_iter=2",
+    "-o",
+    "checkpoint_period=1",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
 def syn(tmp_path_factory):
     root = make_dataset(tmp_path_factory.mktemp("syn"), 4, seed=4, size=64, split="train")
-    (root / "images" / "zz.png").write_bytes(b"not a png")          # a corrupt image listed in the JSON
+    (root / "images" / "zz.png").write_bytes(b"not a png")  # a corrupt image listed in the JSON
     data = json.loads((root / "instances_train.json").read_text())
     data["images"].append({"id": 999, "file_name": "zz.png", "height": 64, "width": 64})
     data["annotations"].append({**data["annotations"][0], "id": 9999, "image_id": 999})
@@ -48,13 +59,30 @@ def test_cli_train_predict_eval_selftrain(syn, tmp_path, capsys):
     preds = tmp_path / "preds.json"
     # the other actions in-process (same parser, no interpreter start-up)
     with pytest.warns(RuntimeWarning, match="zz.png"):
-        assert nbmain(["cutler", "predict", "--checkpoint", str(tmp_path / "r0" / "model_final.pth"), "--json",
-                       str(syn), "--out", str(preds), "--detections", "30", "--device", "cpu"]) == 0
+        assert (
+            nbmain(
+                [
+                    "cutler",
+                    "predict",
+                    "--checkpoint",
+                    str(tmp_path / "r0" / "model_final.pth"),
+                    "--json",
+                    str(syn),
+                    "--out",
+                    str(preds),
+                    "--detections",
+                    "30",
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
     dets = json.loads(preds.read_text())
     per_image = {}
     for d in dets:
         per_image[d["image_id"]] = per_image.get(d["image_id"], 0) + 1
-    assert dets and max(per_image.values()) <= 30 and 999 not in per_image   # corrupt image skipped
+    assert dets and max(per_image.values()) <= 30 and 999 not in per_image  # corrupt image skipped
 
     capsys.readouterr()
     assert nbmain(["cutler", "eval", "--gt", str(syn), "--pred", str(preds), "--out", str(tmp_path / "t.csv")]) == 0
@@ -64,9 +92,28 @@ def test_cli_train_predict_eval_selftrain(syn, tmp_path, capsys):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        assert nbmain(["cutler", "selftrain", "--config", "smoke", "--train-json", str(syn), "--init",
-                       str(tmp_path / "r0" / "model_final.pth"), "--round", "1", "--out", str(tmp_path / "st"),
-                       "-o", "selftrain={max_iter: 1, steps: [], lr: 0.001, warmup_iters: 1}", *SMALL]) == 0
+        assert (
+            nbmain(
+                [
+                    "cutler",
+                    "selftrain",
+                    "--config",
+                    "smoke",
+                    "--train-json",
+                    str(syn),
+                    "--init",
+                    str(tmp_path / "r0" / "model_final.pth"),
+                    "--round",
+                    "1",
+                    "--out",
+                    str(tmp_path / "st"),
+                    "-o",
+                    "selftrain={max_iter: 1, steps: [], lr: 0.001, warmup_iters: 1}",
+                    *SMALL,
+                ]
+            )
+            == 0
+        )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["score_thresh"] == 0.7 and out["iteration"] == 1
     pseudo = json.loads((tmp_path / "st" / "pseudo_round1.json").read_text())

@@ -1,22 +1,45 @@
 """CutLER learns: overfitting two synthetic images drives the training loss down (a real optimisation check)."""
+
 import numpy as np
 import torch
 
-from nbsupport import cutler as C
 from nbsupport.data.synthetic import make_dataset
+from nbsupport.training import cutler as C
 
 torch.set_num_threads(1)
 
-TINY = {"arch": "resnet18", "min_size": [64], "max_size": 64, "min_size_test": 64, "rpn_pre_nms_top_n_train": 100,
-        "rpn_post_nms_top_n_train": 50, "box_batch_size_per_image": 32, "representation_size": 256, "batch_size": 2,
-        "num_workers": 0, "device": "cpu", "log_period": 1}
+TINY = {
+    "arch": "resnet18",
+    "min_size": [64],
+    "max_size": 64,
+    "min_size_test": 64,
+    "rpn_pre_nms_top_n_train": 100,
+    "rpn_post_nms_top_n_train": 50,
+    "box_batch_size_per_image": 32,
+    "representation_size": 256,
+    "batch_size": 2,
+    "num_workers": 0,
+    "device": "cpu",
+    "log_period": 1,
+}
 
 
 def test_training_reduces_the_loss(tmp_path):
     """Overfitting 2 images for 14 steps (copy-paste off) must bring the total loss well below its start."""
     root = make_dataset(tmp_path / "two", 2, seed=7, size=64, split="train")
-    cfg = C.load_config("smoke", dict(TINY, train_json=str(root / "instances_train.json"), max_iter=14, steps=[],
-                                      warmup_iters=3, lr=0.01, copy_paste=False, checkpoint_period=100))
+    cfg = C.load_config(
+        "smoke",
+        dict(
+            TINY,
+            train_json=str(root / "instances_train.json"),
+            max_iter=14,
+            steps=[],
+            warmup_iters=3,
+            lr=0.01,
+            copy_paste=False,
+            checkpoint_period=100,
+        ),
+    )
     C.train(cfg, tmp_path / "o", progress=False)
     loss = [r["loss"] for r in C.read_metrics(tmp_path / "o")]
     assert len(loss) == 14 and np.mean(loss[-3:]) < 0.6 * np.mean(loss[:2]), loss

@@ -1,5 +1,6 @@
 """CutLER engine: exact resume after a kill, atomic checkpoints, NaN skip, self-training labels, thesis
 experiment sets, overlap evaluation splits (pycocotools)."""
+
 import math
 
 import numpy as np
@@ -7,15 +8,33 @@ import pytest
 import torch
 from pycocotools import mask as mu
 
-from nbsupport import cutler as C
 from nbsupport.data.synthetic import make_dataset
+from nbsupport.training import cutler as C
+from nbsupport.training.cutler import loop as cutler_loop
 
 torch.set_num_threads(1)
 
-TINY = {"arch": "resnet18", "min_size": [64], "max_size": 64, "min_size_test": 64, "rpn_pre_nms_top_n_train": 100,
-        "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50,
-        "box_batch_size_per_image": 32, "representation_size": 256, "batch_size": 2, "max_iter": 4, "steps": [3], "warmup_iters": 2,
-        "checkpoint_period": 2, "log_period": 1, "num_workers": 0, "device": "cpu", "lr": 0.005}
+TINY = {
+    "arch": "resnet18",
+    "min_size": [64],
+    "max_size": 64,
+    "min_size_test": 64,
+    "rpn_pre_nms_top_n_train": 100,
+    "rpn_post_nms_top_n_train": 50,
+    "rpn_pre_nms_top_n_test": 100,
+    "rpn_post_nms_top_n_test": 50,
+    "box_batch_size_per_image": 32,
+    "representation_size": 256,
+    "batch_size": 2,
+    "max_iter": 4,
+    "steps": [3],
+    "warmup_iters": 2,
+    "checkpoint_period": 2,
+    "log_period": 1,
+    "num_workers": 0,
+    "device": "cpu",
+    "lr": 0.005,
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +59,15 @@ def test_resume_after_kill_is_exact(syn, tmp_path):
     assert ck["iteration"] == 2
     C.train(cfg, tmp_path / "b", resume=True, progress=False)
     la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
-    assert [x[0] for x in lb] == [1, 2, 3, 4]          # the log was cut back to the checkpoint, no duplicates
-    assert la == lb                                     # same data order, same RNG streams
+    assert [x[0] for x in lb] == [1, 2, 3, 4]  # the log was cut back to the checkpoint, no duplicates
+    assert la == lb  # same data order, same RNG streams
     wa = torch.load(tmp_path / "a" / "model_final.pth", weights_only=True)["model"]
     wb = torch.load(tmp_path / "b" / "model_final.pth", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     lr = [r["lr"] for r in C.read_metrics(tmp_path / "a")]
-    assert lr == pytest.approx([0.005 * 0.001, 0.005 * 0.5005, 0.005, 0.005 * 0.1])  # warmup, then step (gamma 0.1) at 3
+    assert lr == pytest.approx(
+        [0.005 * 0.001, 0.005 * 0.5005, 0.005, 0.005 * 0.1]
+    )  # warmup, then step (gamma 0.1) at 3
     # a different seed gives a different run (the test above can fail)
     C.train(dict(cfg, seed=1, max_iter=1), tmp_path / "c", progress=False)
     assert _losses(tmp_path / "c")[0][1] != la[0][1]
@@ -70,7 +91,7 @@ def test_nan_loss_is_skipped_and_counted(syn, tmp_path, monkeypatch):
         m.roi_heads.forward = forward
         return m
 
-    monkeypatch.setattr(C, "build_model", poisoned)
+    monkeypatch.setattr(cutler_loop, "build_model", poisoned)
     cfg = C.load_config("smoke", dict(TINY, train_json=str(syn), max_iter=3))
     s = C.train(cfg, tmp_path, progress=False)
     assert s["nan_skipped"] == 1 and s["iteration"] == 3
@@ -91,6 +112,7 @@ def test_config_rejects_unknown_keys():
 
 # ------------------------------------------------------------------------------------------------ labels
 
+
 def _rle(m):
     r = mu.encode(np.asfortranarray(m.astype(np.uint8)))
     return {"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")}
@@ -108,22 +130,35 @@ def _coco(masks_per_image):
         images.append({"id": iid, "file_name": f"{iid}.png", "height": 40, "width": 40})
         for m in masks:
             r = _rle(m)
-            anns.append({"id": len(anns) + 1, "image_id": iid, "category_id": 1, "segmentation": r, "iscrowd": 0,
-                         "area": float(m.sum()), "bbox": [float(v) for v in mu.toBbox(dict(r, counts=r["counts"].encode()))]})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": iid,
+                    "category_id": 1,
+                    "segmentation": r,
+                    "iscrowd": 0,
+                    "area": float(m.sum()),
+                    "bbox": [float(v) for v in mu.toBbox(dict(r, counts=r["counts"].encode()))],
+                }
+            )
     return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "fg"}]}
 
 
 def test_selftrain_annotations():
     A, B = _square(0, 0, 10, 10), _square(20, 20, 30, 30)
     prev = _coco([[A, B]])
-    P = _square(0, 0, 10, 11)                                     # IoU(A, P) = 100/110 >= 0.5
+    P = _square(0, 0, 10, 11)  # IoU(A, P) = 100/110 >= 0.5
     Q = _square(30, 0, 40, 10)
-    preds = [{"image_id": 1, "score": 0.9, "segmentation": _rle(P)},
-             {"image_id": 1, "score": 0.69, "segmentation": _rle(Q)}]   # below 0.7: dropped in round 1
+    preds = [
+        {"image_id": 1, "score": 0.9, "segmentation": _rle(P)},
+        {"image_id": 1, "score": 0.69, "segmentation": _rle(Q)},
+    ]  # below 0.7: dropped in round 1
     nxt = C.selftrain_annotations(prev, preds, score_thresh=0.7)
-    got = [mu.decode(dict(a["segmentation"], counts=a["segmentation"]["counts"].encode())).astype(bool)
-           for a in nxt["annotations"]]
-    assert len(got) == 2 and np.array_equal(got[0], P) and np.array_equal(got[1], B)   # A replaced by P, B kept
+    got = [
+        mu.decode(dict(a["segmentation"], counts=a["segmentation"]["counts"].encode())).astype(bool)
+        for a in nxt["annotations"]
+    ]
+    assert len(got) == 2 and np.array_equal(got[0], P) and np.array_equal(got[1], B)  # A replaced by P, B kept
     assert nxt["annotations"][0]["score"] == 0.9 and [a["id"] for a in nxt["annotations"]] == [1, 2]
     nxt2 = C.selftrain_annotations(prev, preds, score_thresh=0.65)  # round 2 keeps Q too
     assert len(nxt2["annotations"]) == 3
@@ -132,7 +167,7 @@ def test_selftrain_annotations():
 def test_overlap_sets_and_maskcut_filter():
     # image 1: two separated instances; image 2: two instances whose boxes intersect (an L and a square)
     L = _square(0, 0, 20, 5) | _square(15, 0, 20, 20)
-    S = _square(5, 8, 12, 15)                                      # inside L's box, disjoint pixels
+    S = _square(5, 8, 12, 15)  # inside L's box, disjoint pixels
     gt = _coco([[_square(0, 0, 10, 10), _square(20, 20, 30, 30)], [L, S]])
     flags = C.overlap_flags(gt)
     assert flags == {1: False, 2: False, 3: True, 4: True}
@@ -142,10 +177,12 @@ def test_overlap_sets_and_maskcut_filter():
     no_inst = C.build_training_set(gt, "no-overlap", drop="instances")
     assert len(no_inst["images"]) == 2 and len(no_inst["annotations"]) == 2
     assert len(C.build_training_set(gt, "all")["annotations"]) == 4
-    preds = [{"image_id": 2, "score": 0.95, "segmentation": _rle(S)},
-             {"image_id": 1, "score": 0.3, "segmentation": _rle(_square(0, 0, 10, 10))}]
+    preds = [
+        {"image_id": 2, "score": 0.95, "segmentation": _rle(S)},
+        {"image_id": 1, "score": 0.3, "segmentation": _rle(_square(0, 0, 10, 10))},
+    ]
     filt = C.build_training_set(gt, "maskcut-filter", predictions=preds)
-    assert [a["image_id"] for a in filt["annotations"]] == [2]        # only S is confirmed by a confident prediction
+    assert [a["image_id"] for a in filt["annotations"]] == [2]  # only S is confirmed by a confident prediction
     with pytest.raises(ValueError, match="needs predictions"):
         C.build_training_set(gt, "maskcut-filter")
     splits = C.split_by_overlap(gt)
@@ -157,8 +194,10 @@ def test_evaluate_splits_against_pycocotools():
     L = _square(0, 0, 20, 5) | _square(15, 0, 20, 20)
     S = _square(5, 8, 12, 15)
     gt = _coco([[_square(0, 0, 10, 10), _square(20, 20, 30, 30)], [L, S]])
-    perfect = [{"image_id": a["image_id"], "score": 1.0, "segmentation": a["segmentation"], "bbox": a["bbox"]}
-               for a in gt["annotations"]]
+    perfect = [
+        {"image_id": a["image_id"], "score": 1.0, "segmentation": a["segmentation"], "bbox": a["bbox"]}
+        for a in gt["annotations"]
+    ]
     t = C.evaluate_splits(gt, perfect).set_index("split")
     assert (t[["box AP", "segm AP", "box AP50", "segm AP50"]] == 100).all().all()
     # only image 1 detected: the "without" split stays perfect, "only overlapping" gets 0, "all" in between
@@ -168,7 +207,6 @@ def test_evaluate_splits_against_pycocotools():
     assert 0 < t.loc["all", "segm AP50"] < 100 and t.loc["all", "images"] == 2
     r = C.evaluate({**gt, "annotations": []}, perfect)
     assert math.isnan(r["box"]["AP"])
-
 
 
 def _mixed_orientation_set(root):
@@ -187,11 +225,21 @@ def _mixed_orientation_set(root):
         Image.fromarray(arr).save(root / "images" / f"{k}.png")
         images.append({"id": k + 1, "file_name": f"{k}.png", "width": w, "height": h})
         r = mu.encode(np.asfortranarray(m))
-        anns.append({"id": k + 1, "image_id": k + 1, "category_id": 1, "iscrowd": 0, "area": int(m.sum()),
-                     "bbox": [10, 8, 24, 22], "segmentation": {"size": [h, w], "counts": r["counts"].decode()}})
+        anns.append(
+            {
+                "id": k + 1,
+                "image_id": k + 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "area": int(m.sum()),
+                "bbox": [10, 8, 24, 22],
+                "segmentation": {"size": [h, w], "counts": r["counts"].decode()},
+            }
+        )
     p = root / "train.json"
-    p.write_text(__import__("json").dumps({"images": images, "annotations": anns,
-                                           "categories": [{"id": 1, "name": "fg"}]}))
+    p.write_text(
+        __import__("json").dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "fg"}]})
+    )
     return p
 
 
@@ -204,14 +252,14 @@ def test_aspect_grouping_batches_and_resume(tmp_path, monkeypatch):
         shapes.append({tuple(im.shape[-2:]) for im in images})
         return real(images, targets, *a, **k)
 
-    monkeypatch.setattr(C, "augment_batch", spy)
+    monkeypatch.setattr(cutler_loop, "augment_batch", spy)
     cfg = C.load_config("smoke", dict(TINY, train_json=str(ann), aspect_grouping=True))
     C.train(cfg, tmp_path / "a", progress=False)
-    assert len(shapes) == 4 and all(len(s) == 1 for s in shapes)     # one orientation per batch
-    assert {next(iter(s)) for s in shapes} == {(48, 64), (64, 48)}    # both groups are used
+    assert len(shapes) == 4 and all(len(s) == 1 for s in shapes)  # one orientation per batch
+    assert {next(iter(s)) for s in shapes} == {(48, 64), (64, 48)}  # both groups are used
     C.train(cfg, tmp_path / "b", stop_after=3, progress=False)
     C.train(cfg, tmp_path / "b", resume=True, progress=False)
-    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")        # resume replays the grouped order
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")  # resume replays the grouped order
     shapes.clear()
     C.train(dict(cfg, aspect_grouping=False, max_iter=4), tmp_path / "c", progress=False)
-    assert any(len(s) == 2 for s in shapes)                           # without grouping, batches mix
+    assert any(len(s) == 2 for s in shapes)  # without grouping, batches mix

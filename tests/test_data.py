@@ -1,4 +1,5 @@
 """Robust loading and dataset layouts: every bad input gives one clear error naming the file."""
+
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 from PIL import Image
 
 from nbsupport import data
-from nbsupport.data import ImageLoadError
+from nbsupport.data.images import ImageLoadError
 
 
 def rgb(h=20, w=30, seed=0):
@@ -84,8 +85,13 @@ def test_bad_files_name_the_file(tmp_path):
     text = tmp_path / "notes.jpg"
     text.write_text("hello")
     (tmp_path / "folder.png").mkdir()
-    cases = ((trunc, "corrupt"), (trunc_jpg, "corrupt"), (text, "not an image"),
-             (tmp_path / "missing.png", "does not exist"), (tmp_path / "folder.png", "directory"))
+    cases = (
+        (trunc, "corrupt"),
+        (trunc_jpg, "corrupt"),
+        (text, "not an image"),
+        (tmp_path / "missing.png", "does not exist"),
+        (tmp_path / "folder.png", "directory"),
+    )
     for p, reason in cases:
         with pytest.raises(ImageLoadError, match=reason) as e:
             data.load_image(p)
@@ -187,17 +193,43 @@ def _coco_file(tmp_path):
             cur, n = x, 0
         n += 1
     runs.append(n)
-    coco = {"images": [{"id": 7, "file_name": "a.png", "width": 12, "height": 10},
-                       {"id": 3, "file_name": "b.png", "width": 5, "height": 4}],
-            "categories": [{"id": 1, "name": "thing"}, {"id": 2, "name": "other"}],
-            "annotations": [
-                {"id": 1, "image_id": 7, "category_id": 1, "segmentation": rle, "area": 18, "bbox": [3, 2, 6, 3],
-                 "iscrowd": 0},
-                # polygon (rows 4..8, cols 1..6) overlapping the RLE mask in row 4: drawn later, wins in semantic_mask
-                {"id": 2, "image_id": 7, "category_id": 2, "segmentation": [[0.5, 3.5, 6.5, 3.5, 6.5, 8.5, 0.5, 8.5]],
-                 "area": 30, "bbox": [0.5, 3.5, 6, 5], "iscrowd": 0},
-                {"id": 3, "image_id": 7, "category_id": 1, "segmentation": {"size": [10, 12], "counts": runs},
-                 "area": 8, "bbox": [8, 8, 4, 2], "iscrowd": 1}]}
+    coco = {
+        "images": [
+            {"id": 7, "file_name": "a.png", "width": 12, "height": 10},
+            {"id": 3, "file_name": "b.png", "width": 5, "height": 4},
+        ],
+        "categories": [{"id": 1, "name": "thing"}, {"id": 2, "name": "other"}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 7,
+                "category_id": 1,
+                "segmentation": rle,
+                "area": 18,
+                "bbox": [3, 2, 6, 3],
+                "iscrowd": 0,
+            },
+            # polygon (rows 4..8, cols 1..6) overlapping the RLE mask in row 4: drawn later, wins in semantic_mask
+            {
+                "id": 2,
+                "image_id": 7,
+                "category_id": 2,
+                "segmentation": [[0.5, 3.5, 6.5, 3.5, 6.5, 8.5, 0.5, 8.5]],
+                "area": 30,
+                "bbox": [0.5, 3.5, 6, 5],
+                "iscrowd": 0,
+            },
+            {
+                "id": 3,
+                "image_id": 7,
+                "category_id": 1,
+                "segmentation": {"size": [10, 12], "counts": runs},
+                "area": 8,
+                "bbox": [8, 8, 4, 2],
+                "iscrowd": 1,
+            },
+        ],
+    }
     (tmp_path / "ann.json").write_text(json.dumps(coco))
     return tmp_path / "ann.json", m.astype(bool), crowd.astype(bool)
 
@@ -250,9 +282,14 @@ def test_coco_bad_files(tmp_path):
 
 
 def test_coco_captions(tmp_path):
-    caps = {"images": [{"id": 1}, {"id": 2}, {"id": 5}],
-            "annotations": [{"id": 1, "image_id": 2, "caption": "a dog"}, {"id": 2, "image_id": 1, "caption": "x"},
-                            {"id": 3, "image_id": 2, "caption": "a brown dog"}]}
+    caps = {
+        "images": [{"id": 1}, {"id": 2}, {"id": 5}],
+        "annotations": [
+            {"id": 1, "image_id": 2, "caption": "a dog"},
+            {"id": 2, "image_id": 1, "caption": "x"},
+            {"id": 3, "image_id": 2, "caption": "a brown dog"},
+        ],
+    }
     (tmp_path / "c.json").write_text(json.dumps(caps))
     c = data.CocoCaptions(tmp_path / "c.json")
     assert c.image_ids == [1, 2, 5] and c.captions(2) == ["a dog", "a brown dog"] and c.captions(5) == []

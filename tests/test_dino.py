@@ -1,5 +1,6 @@
 """DINO trainer: centering and EMA formulas, schedules, crop geometry of the patch term, frozen teacher,
 loss decreases, exact resume, export/load, CLI."""
+
 import json
 import math
 
@@ -7,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from nbsupport import backbones, dino
-from nbsupport.data import IMAGENET_MEAN, IMAGENET_STD
+from nbsupport.data.images import IMAGENET_MEAN, IMAGENET_STD
+from nbsupport.models import backbones
+from nbsupport.training import dino
+from nbsupport.training.dino import losses
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -49,8 +52,11 @@ def test_sinkhorn_targets_are_balanced_and_match_a_numpy_reference():
     assert np.allclose(dino.sinkhorn_knopp(x, 0.5).numpy(), 12 * ref.T, atol=1e-5)
     loss = dino.DINOLoss(5, 3, centering="sinkhorn")
     assert torch.allclose(loss.targets(x, 0.5), dino.sinkhorn_knopp(x, 0.5))
-    for make in (lambda: dino.DINOLoss(5, 3, centering="mean"), lambda: dino.DensePatchLoss(5, centering="mean"),
-                 lambda: dino.resolve_arch(dino.Config(centering="mean"))):
+    for make in (
+        lambda: dino.DINOLoss(5, 3, centering="mean"),
+        lambda: dino.DensePatchLoss(5, centering="mean"),
+        lambda: dino.resolve_arch(dino.Config(centering="mean")),
+    ):
         with pytest.raises(ValueError, match="centering must be one of"):
             make()
 
@@ -69,7 +75,12 @@ def test_loss_hand_case_and_view_pairs():
 
 def test_ema_update_formula():
     a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    wa, wb, ba, bb = a.weight.detach().clone(), b.weight.detach().clone(), a.bias.detach().clone(), b.bias.detach().clone()
+    wa, wb, ba, bb = (
+        a.weight.detach().clone(),
+        b.weight.detach().clone(),
+        a.bias.detach().clone(),
+        b.bias.detach().clone(),
+    )
     dino.ema_update(a, b, 0.99)
     assert torch.allclose(a.weight, 0.99 * wa + 0.01 * wb) and torch.allclose(a.bias, 0.99 * ba + 0.01 * bb)
     assert torch.equal(b.weight, wb)  # the student is untouched
@@ -79,9 +90,19 @@ def test_schedules_at_hand_picked_steps():
     s = dino.cosine_schedule(1.0, 0.0, 110, warmup_steps=10)
     assert len(s) == 110 and s[0] == 0.0 and s[5] == pytest.approx(0.5) and s[10] == pytest.approx(1.0)
     assert s[60] == pytest.approx(0.5) and s[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 99 / 100)))
-    cfg = dino.Config(steps=200, momentum=0.99, warmup_teacher_temp=0.02, teacher_temp=0.06,
-                      warmup_teacher_steps=51, lr=1e-3, batch_size=64, warmup_steps=20, min_lr=0.0,
-                      weight_decay=0.04, weight_decay_end=0.4)
+    cfg = dino.Config(
+        steps=200,
+        momentum=0.99,
+        warmup_teacher_temp=0.02,
+        teacher_temp=0.06,
+        warmup_teacher_steps=51,
+        lr=1e-3,
+        batch_size=64,
+        warmup_steps=20,
+        min_lr=0.0,
+        weight_decay=0.04,
+        weight_decay_end=0.4,
+    )
     sch = dino.schedules(cfg, world=2)
     m, tt, lr, wd = sch["momentum"], sch["teacher_temp"], sch["lr"], sch["wd"]
     assert all(len(v) == 200 for v in sch.values())
@@ -140,9 +161,10 @@ def test_patch_centres_follow_quarter_turns():
             assert torch.allclose(pts, coords[v], atol=0.1), (seed, v, boxes[v])  # flips and turns
     assert turns == {1, 2, 3}
     u, v, k = torch.rand(50), torch.rand(50), torch.randint(0, 4, (50,)).float()
-    assert torch.allclose(torch.stack(dino._rot_inverse(*dino._rot_forward(u, v, k), k)), torch.stack([u, v]))
-    assert [round(float(x), 2) for x in dino._rot_forward(torch.tensor(0.2), torch.tensor(0.1), torch.tensor(1.0))] \
-        == [0.1, 0.8]  # rot90 moves the top-left corner region to the bottom-left
+    assert torch.allclose(torch.stack(losses._rot_inverse(*losses._rot_forward(u, v, k), k)), torch.stack([u, v]))
+    assert [
+        round(float(x), 2) for x in losses._rot_forward(torch.tensor(0.2), torch.tensor(0.1), torch.tensor(1.0))
+    ] == [0.1, 0.8]  # rot90 moves the top-left corner region to the bottom-left
 
 
 @pytest.mark.parametrize("rotate", [0.0, 0.7])
@@ -185,8 +207,17 @@ def test_dense_loss_hand_case():
 def test_block_mask_and_mask_token():
     m = dino.block_mask(np.random.default_rng(0), 8, 8, 0.3)
     assert m.dtype == bool and 19 <= m.sum() <= 40
-    cfg = dino.Config(embed_dim=32, depth=1, num_heads=2, image_size=32, out_dim=16, head_hidden=16,
-                      head_bottleneck=8, dense_weight=1.0, mask_ratio=0.3)
+    cfg = dino.Config(
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        image_size=32,
+        out_dim=16,
+        head_hidden=16,
+        head_bottleneck=8,
+        dense_weight=1.0,
+        mask_ratio=0.3,
+    )
     student, _, _ = dino.build_networks(cfg)
     x = torch.randn(2, 3, 32, 32)
     tok = student.tokens(x)
@@ -201,9 +232,26 @@ def test_block_mask_and_mask_token():
 
 
 def tiny_cfg(tmp_path, **kw):
-    base = dict(out=str(tmp_path / "run"), patch_size=8, embed_dim=32, depth=2, num_heads=2, image_size=32,
-                local_size=16, n_local=2, out_dim=64, head_hidden=64, head_bottleneck=32, steps=40, batch_size=8,
-                lr=2e-3, warmup_steps=5, checkpoint_every=10, seed=0, device="cpu")
+    base = dict(
+        out=str(tmp_path / "run"),
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        image_size=32,
+        local_size=16,
+        n_local=2,
+        out_dim=64,
+        head_hidden=64,
+        head_bottleneck=32,
+        steps=40,
+        batch_size=8,
+        lr=2e-3,
+        warmup_steps=5,
+        checkpoint_every=10,
+        seed=0,
+        device="cpu",
+    )
     base.update(kw)
     return dino.Config(**base)
 
@@ -310,9 +358,15 @@ def test_config_errors():
 
 
 def test_bad_config_fails_before_anything_is_written(tmp_path):
-    for bad in (dict(appearance="mixed"), dict(appearance="per-view", data=str(tmp_path)),
-                dict(scene_size=-1), dict(global_scale_max=1.5), dict(cls_weight=0.0), dict(cls_weight=-1.0),
-                dict(max_objects=0)):
+    for bad in (
+        dict(appearance="mixed"),
+        dict(appearance="per-view", data=str(tmp_path)),
+        dict(scene_size=-1),
+        dict(global_scale_max=1.5),
+        dict(cls_weight=0.0),
+        dict(cls_weight=-1.0),
+        dict(max_objects=0),
+    ):
         out = tmp_path / "run"
         with pytest.raises(ValueError):
             dino.train(dino.Config(out=str(out), **bad))
@@ -323,10 +377,44 @@ def test_cli_trains_and_exports(tmp_path):
     from nbsupport.__main__ import main
 
     out = tmp_path / "cli"
-    args = ["dino", "train", "--out", str(out), "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
-            "--image-size", "32", "--local-size", "16", "--n-local", "1", "--out-dim", "32", "--head-hidden", "32",
-            "--head-bottleneck", "16", "--batch-size", "2", "--steps", "10", "--max-steps", "2",
-            "--warmup-steps", "1", "--dense-weight", "0.5", "--koleo-weight", "0.1", "--scene-size", "48"]
+    args = [
+        "dino",
+        "train",
+        "--out",
+        str(out),
+        "--embed-dim",
+        "32",
+        "--depth",
+        "1",
+        "--num-heads",
+        "2",
+        "--image-size",
+        "32",
+        "--local-size",
+        "16",
+        "--n-local",
+        "1",
+        "--out-dim",
+        "32",
+        "--head-hidden",
+        "32",
+        "--head-bottleneck",
+        "16",
+        "--batch-size",
+        "2",
+        "--steps",
+        "10",
+        "--max-steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--dense-weight",
+        "0.5",
+        "--koleo-weight",
+        "0.1",
+        "--scene-size",
+        "48",
+    ]
     assert main(args) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["dense_weight"], cfg["koleo_weight"], cfg["scene_size"]) == (0.5, 0.1, 48)
@@ -402,20 +490,30 @@ def test_scene_size_renders_larger_scenes_and_crops_at_native_scale():
     """scene_size: scenes rendered at 64 px; 32-px global crops of area scale [0.25, 0.25] cover 32^2 source
     pixels (native scale, up to the aspect jitter), locals come from the same 64-px scene; 0 keeps scene =
     image size."""
-    cfg = dino.Config(image_size=32, local_size=16, n_local=2, batch_size=2, scene_size=64, color=0.0,
-                      global_scale_min=0.25, global_scale_max=0.25, local_scale_min=0.0625, local_scale_max=0.0625)
+    cfg = dino.Config(
+        image_size=32,
+        local_size=16,
+        n_local=2,
+        batch_size=2,
+        scene_size=64,
+        color=0.0,
+        global_scale_min=0.25,
+        global_scale_max=0.25,
+        local_scale_min=0.0625,
+        local_scale_max=0.0625,
+    )
     stream = dino.crop_stream(dino.resolve_arch(cfg))
     assert stream.size == 64 and stream.image(0).shape == (64, 64, 3)
     crops, boxes, _ = stream.batch(0)
     assert [tuple(c.shape[-2:]) for c in crops] == [(32, 32)] * 2 + [(16, 16)] * 2
     for v, side in enumerate([32, 32, 16, 16]):
         top, left, h, w = boxes[v][:, :4].unbind(-1)
-        assert torch.allclose(h * w, torch.full_like(h, side ** 2), rtol=0.1)
+        assert torch.allclose(h * w, torch.full_like(h, side**2), rtol=0.1)
         assert bool((top >= 0).all() and (left >= 0).all() and (top + h <= 64).all() and (left + w <= 64).all())
     # the global crop shows its box of the 64-px rendering (same mean colour per channel)
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     t, l, h, w = (int(x) for x in boxes[0][0, :4])
-    window = torch.from_numpy(stream.image(0)[t:t + h, l:l + w]).permute(2, 0, 1).float()
+    window = torch.from_numpy(stream.image(0)[t : t + h, l : l + w]).permute(2, 0, 1).float()
     seen = (crops[0][0] * std + mean) * 255
     assert torch.allclose(seen.mean((1, 2)), window.mean((1, 2)), atol=2.0)
     assert dino.crop_stream(dino.Config(image_size=32, local_size=16)).size == 32
@@ -440,8 +538,9 @@ def test_cls_weight_zero_trains_the_patch_term_only(tmp_path):
 def test_per_view_ramp_shares_the_rendering_early_and_never_after_the_ramp():
     """per_view_ramp=4 (batch 40): step-0 images are one shared rendering, step-2 images about half of the
     time, step-4 and later images always three renderings; the choice is seeded per image (resume-safe)."""
-    cfg = dino.resolve_arch(dino.Config(image_size=32, local_size=16, batch_size=40, appearance="per-view",
-                                        per_view_ramp=4))
+    cfg = dino.resolve_arch(
+        dino.Config(image_size=32, local_size=16, batch_size=40, appearance="per-view", per_view_ramp=4)
+    )
     stream = dino.crop_stream(cfg)
 
     def n_shared(step):
@@ -478,8 +577,11 @@ def test_object_centric_scenes():
     at least object_scale_min of the side (up to rotation); the defaults keep the world's own scenes."""
     from nbsupport.data.synthetic import render_scene, scene_rng
 
-    cfg = dino.resolve_arch(dino.Config(image_size=32, local_size=16, scene_size=64, max_objects=1,
-                                        object_scale_min=0.5, object_scale_max=0.7))
+    cfg = dino.resolve_arch(
+        dino.Config(
+            image_size=32, local_size=16, scene_size=64, max_objects=1, object_scale_min=0.5, object_scale_max=0.7
+        )
+    )
     stream = dino.crop_stream(cfg)
     counts = []
     for i in range(12):

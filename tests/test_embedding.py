@@ -1,8 +1,9 @@
 """t-SNE / UMAP: planted clusters stay apart, seeds reproduce."""
+
 import numpy as np
 import pytest
 
-from nbsupport import embedding
+from nbsupport.analysis import embedding
 
 
 def clusters(n=40, d=64, k=4, seed=0):

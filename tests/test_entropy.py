@@ -1,10 +1,11 @@
 """Entropy maps and regularisers (thesis Eq 36-44): uniform -> log n, one-hot -> 0, hand cases, gradients."""
+
 import math
 
 import pytest
 import torch
 
-from nbsupport import entropy as E
+from nbsupport.analysis import entropy as E
 
 
 def test_uniform_and_one_hot_group_entropy():
@@ -81,9 +82,15 @@ def test_entropy_maps_and_se_terms():
     maps = E.entropy_maps(attn, (2, 2), (4, 4), a_st)
     g_patch, g_px = maps["group"]
     assert torch.allclose(g_patch, torch.tensor([[0.0, math.log(2)], [0.0, math.log(2)]]), atol=1e-6)
-    assert g_px.shape == (4, 4) and g_px[:, 0].abs().max() < 1e-6 and torch.allclose(g_px[:, 3], torch.full((4,), math.log(2)))
-    l_patch, _ = maps["label"]   # right column mixes two confident groups -> ~log 2 over labels too
-    assert l_patch[0, 0].item() == pytest.approx(0.0, abs=1e-6) and l_patch[0, 1].item() == pytest.approx(math.log(2), abs=1e-6)
+    assert (
+        g_px.shape == (4, 4)
+        and g_px[:, 0].abs().max() < 1e-6
+        and torch.allclose(g_px[:, 3], torch.full((4,), math.log(2)))
+    )
+    l_patch, _ = maps["label"]  # right column mixes two confident groups -> ~log 2 over labels too
+    assert l_patch[0, 0].item() == pytest.approx(0.0, abs=1e-6) and l_patch[0, 1].item() == pytest.approx(
+        math.log(2), abs=1e-6
+    )
     h_g, h_l = E.segment_affinity_terms(torch.tensor([[0.0, 0.0, 0.0], [50.0, 0.0, 0.0]]))
     assert h_g.tolist() == pytest.approx([math.log(3), 0.0], abs=1e-6)
     assert h_l.tolist() == pytest.approx([0.0, math.log(2), math.log(2)], abs=1e-6)

@@ -1,9 +1,10 @@
 """Feature extractor: facets against a manual computation, stride, log-binning, saliency, coordinates."""
+
 import numpy as np
 import pytest
 import torch
 
-from nbsupport import backbones, features
+from nbsupport.models import backbones, features
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,8 @@ def manual_qkv(model, images, layer):
     W, bias = blk.attn.qkv.weight, blk.attn.qkv.bias
     d = x.shape[-1]
     q = xn @ W[:d].T + bias[:d]
-    k = xn @ W[d:2 * d].T + bias[d:2 * d]
-    v = xn @ W[2 * d:].T + bias[2 * d:]
+    k = xn @ W[d : 2 * d].T + bias[d : 2 * d]
+    v = xn @ W[2 * d :].T + bias[2 * d :]
     return x, q, k, v
 
 
@@ -70,7 +71,7 @@ def test_attn_rows_are_probabilities_and_match_manual(tiny, images):
     hd = 32
     qh = q.reshape(2, 65, 3, hd).transpose(1, 2)
     kh = k.reshape(2, 65, 3, hd).transpose(1, 2)
-    ref = (qh @ kh.transpose(-1, -2) / hd ** 0.5).softmax(-1)
+    ref = (qh @ kh.transpose(-1, -2) / hd**0.5).softmax(-1)
     torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-6)
     grid = features.extract(tiny, images, "attn", layer)
     assert grid.shape == (2, 8, 8, 3 * 65)
@@ -118,6 +119,7 @@ def test_bad_inputs(tiny, images):
 def test_model_untouched_after_failure(tiny, monkeypatch):
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny.modules())
+
     def boom(*a, **k):
         raise RuntimeError("out of memory (simulated)")
 
@@ -137,7 +139,7 @@ def slow_log_bin(desc, hierarchy=2):
     x = desc.permute(0, 3, 1, 2).numpy().astype(np.float64)
     pools = []
     for k in range(hierarchy):
-        s = 3 ** k
+        s = 3**k
         p = np.zeros_like(x)
         for y in range(h):
             for xx in range(w):
@@ -151,13 +153,13 @@ def slow_log_bin(desc, hierarchy=2):
         for xx in range(w):
             part = 0
             for k in range(hierarchy):
-                s = 3 ** k
+                s = 3**k
                 for i in range(y - s, y + s + 1, s):
                     for j in range(xx - s, xx + s + 1, s):
                         if k and i == y and j == xx:
                             continue
                         ii, jj = min(max(i, 0), h - 1), min(max(j, 0), w - 1)
-                        out[:, y, xx, part * d:(part + 1) * d] = pools[k][:, :, ii, jj]
+                        out[:, y, xx, part * d : (part + 1) * d] = pools[k][:, :, ii, jj]
                         part += 1
     return out
 

@@ -1,4 +1,5 @@
 """GroupViT training losses and loop (nbsupport.grouptrain; thesis Eq 21-26, 36-44, 52)."""
+
 import json
 import math
 import os
@@ -8,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nbsupport import entropy as ent
-from nbsupport import grouptrain as gt
-from nbsupport import groupvit as gv
-from nbsupport import text
+from nbsupport.analysis import entropy as ent
+from nbsupport.analysis import zero_shot
+from nbsupport.data import caption_labels as text
+from nbsupport.data import scenes
+from nbsupport.models import groupvit as gv
+from nbsupport.training import groupvit as gt
 
 torch.set_num_threads(1)
 
@@ -25,10 +28,20 @@ def _unit(*shape, seed=0):
 def ref_itc(img, txt, s):
     """Eq 21 + Eq 22 with explicit sums."""
     b = len(img)
-    i2t = -sum(math.log(math.exp(s * img[i] @ txt[i]) / sum(math.exp(s * img[i] @ txt[j]) for j in range(b)))
-               for i in range(b)) / b
-    t2i = -sum(math.log(math.exp(s * txt[i] @ img[i]) / sum(math.exp(s * txt[i] @ img[j]) for j in range(b)))
-               for i in range(b)) / b
+    i2t = (
+        -sum(
+            math.log(math.exp(s * img[i] @ txt[i]) / sum(math.exp(s * img[i] @ txt[j]) for j in range(b)))
+            for i in range(b)
+        )
+        / b
+    )
+    t2i = (
+        -sum(
+            math.log(math.exp(s * txt[i] @ img[i]) / sum(math.exp(s * txt[i] @ img[j]) for j in range(b)))
+            for i in range(b)
+        )
+        / b
+    )
     return i2t + t2i
 
 
@@ -37,8 +50,13 @@ def ref_mlc(img, lab, s, keep=None):
     b, k = lab.shape[:2]
     keep = keep or [list(range(k))] * b
     e = lambda i, j, kk: math.exp(s * float(img[i] @ lab[j, kk]))  # noqa: E731
-    i2t = -sum(math.log(sum(e(i, i, kk) for kk in keep[i]) /
-                        sum(e(i, j, kk) for j in range(b) for kk in keep[j])) for i in range(b)) / b
+    i2t = (
+        -sum(
+            math.log(sum(e(i, i, kk) for kk in keep[i]) / sum(e(i, j, kk) for j in range(b) for kk in keep[j]))
+            for i in range(b)
+        )
+        / b
+    )
     terms = [math.log(e(i, i, kk) / sum(e(j, i, kk) for j in range(b))) for i in range(b) for kk in keep[i]]
     return i2t - sum(terms) / len(terms)
 
@@ -50,7 +68,7 @@ def test_image_text_contrastive_matches_eq_21_23():
     assert got.item() == pytest.approx(ref_itc(img, txt, 3.0), rel=1e-10)
     # two-pair hand case: orthogonal, perfectly aligned pairs
     e = torch.eye(2, dtype=torch.float64)
-    want = 2 * math.log(1 + math.exp(-1.0))           # each direction: -log(e^1 / (e^1 + e^0))
+    want = 2 * math.log(1 + math.exp(-1.0))  # each direction: -log(e^1 / (e^1 + e^0))
     assert gt.image_text_contrastive(e, e, 1.0).item() == pytest.approx(want)
     # identical captions are positives with texts=: pairs 0 and 1 share a caption
     got2 = gt.image_text_contrastive(e, e, 1.0, texts=["a", "a"])
@@ -62,8 +80,9 @@ def test_multi_label_matches_eq_24_26():
     got = gt.multi_label_contrastive(img, lab, 5.0)
     assert got.item() == pytest.approx(ref_mlc(img, lab, 5.0), rel=1e-10)
     # K = 1 reduces to the image-text loss
-    assert gt.multi_label_contrastive(img, lab[:, :1], 5.0).item() == \
-        pytest.approx(gt.image_text_contrastive(img, lab[:, 0], 5.0).item(), rel=1e-10)
+    assert gt.multi_label_contrastive(img, lab[:, :1], 5.0).item() == pytest.approx(
+        gt.image_text_contrastive(img, lab[:, 0], 5.0).item(), rel=1e-10
+    )
 
 
 def test_pad_labels_leave_every_sum():
@@ -82,18 +101,24 @@ def test_non_noisy_equals_plain_without_repeats_and_differs_with():
     img, lab = _unit(3, 4, seed=7), _unit(3, 2, 4, seed=8)
     strings = [["dog", "park"], ["cat", "sofa"], ["car", "road"]]
     plain = gt.multi_label_contrastive(img, lab, 5.0)
-    assert gt.multi_label_contrastive(img, lab, 5.0, label_strings=strings).item() == \
-        pytest.approx(plain.item(), rel=1e-12)
-    rep = [["dog", "park"], ["dog", "sofa"], ["car", "road"]]          # 'dog' in images 0 and 1
+    assert gt.multi_label_contrastive(img, lab, 5.0, label_strings=strings).item() == pytest.approx(
+        plain.item(), rel=1e-12
+    )
+    rep = [["dog", "park"], ["dog", "sofa"], ["car", "road"]]  # 'dog' in images 0 and 1
     got = gt.multi_label_contrastive(img, lab, 5.0, label_strings=rep)
     s = 5.0
     e = lambda i, j, k: math.exp(s * float(img[i] @ lab[j, k]))  # noqa: E731
     allk = [(j, k) for j in range(3) for k in range(2)]
     pos = {0: [(0, 0), (0, 1), (1, 0)], 1: [(1, 0), (1, 1), (0, 0)], 2: [(2, 0), (2, 1)]}
     i2t = -sum(math.log(sum(e(i, *p) for p in pos[i]) / sum(e(i, *q) for q in allk)) for i in range(3)) / 3
-    tpos = {(0, 0): [0, 1], (1, 0): [0, 1]}                               # 'dog' labels: positives 0 and 1
-    t2i = -sum(math.log(sum(e(j, i, k) for j in tpos.get((i, k), [i])) / sum(e(j, i, k) for j in range(3)))
-               for i, k in allk) / 6
+    tpos = {(0, 0): [0, 1], (1, 0): [0, 1]}  # 'dog' labels: positives 0 and 1
+    t2i = (
+        -sum(
+            math.log(sum(e(j, i, k) for j in tpos.get((i, k), [i])) / sum(e(j, i, k) for j in range(3)))
+            for i, k in allk
+        )
+        / 6
+    )
     assert got.item() == pytest.approx(i2t + t2i, rel=1e-10)
     assert got.item() < plain.item()
 
@@ -125,7 +150,7 @@ def test_entropy_regularisers():
 def test_dino_distillation_hand_case():
     # 2 groups, 3 patches: patches 0, 1 in group 0 (certain), patch 2 split 0.5 / 0.5
     attn = torch.tensor([[[1.0, 1.0, 0.5], [0.0, 0.0, 0.5]]])
-    student = attn[0].T @ attn[0]               # [[1,1,.5],[1,1,.5],[.5,.5,.5]]
+    student = attn[0].T @ attn[0]  # [[1,1,.5],[1,1,.5],[.5,.5,.5]]
     sim = torch.tensor([[[1.0, 0.8, -0.2], [0.8, 1.0, 0.0], [-0.2, 0.0, 1.0]]])
     t = sim[0].softmax(-1)
     want = -(t * student.log()).sum()
@@ -152,7 +177,9 @@ def test_dino_distillation_collapse_and_row_normalised_variant():
     # row-normalised: the collapse scores log N (uniform rows), the grouping that follows DINO scores lower
     assert gt.dino_distillation_loss(one_group, sim, row_normalize=True).item() == pytest.approx(math.log(3), rel=1e-6)
     soft = torch.tensor([[[0.9, 0.9, 0.1], [0.1, 0.1, 0.9]]])  # mostly patches 0, 1 vs patch 2
-    assert gt.dino_distillation_loss(soft, sim, row_normalize=True) < gt.dino_distillation_loss(one_group, sim, row_normalize=True)
+    assert gt.dino_distillation_loss(soft, sim, row_normalize=True) < gt.dino_distillation_loss(
+        one_group, sim, row_normalize=True
+    )
     # hand case: S = A^T A, rows divided by their sums, CE averaged over rows
     S = soft[0].T @ soft[0]
     want = -(sim[0].softmax(-1) * (S / S.sum(-1, keepdim=True)).log()).sum() / 3
@@ -190,9 +217,15 @@ def test_gradients_flow_and_components(model):
     assert set(losses) == {"itc", "mlc", "ge", "le", "se", "loss"}
     assert all(torch.isfinite(v) for v in losses.values())
     losses["loss"].backward()
-    for name in ["img_encoder.layers.0.downsample.assign.q_proj.weight", "img_encoder.patch_embed.proj.weight",
-                 "text_encoder.token_embedding.weight", "img_projector.linear_out.weight",
-                 "text_projector.linear_out.weight", "logit_scale", "multi_label_logit_scale"]:
+    for name in [
+        "img_encoder.layers.0.downsample.assign.q_proj.weight",
+        "img_encoder.patch_embed.proj.weight",
+        "text_encoder.token_embedding.weight",
+        "img_projector.linear_out.weight",
+        "text_projector.linear_out.weight",
+        "logit_scale",
+        "multi_label_logit_scale",
+    ]:
         p = dict(model.named_parameters())[name]
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     model.zero_grad(set_to_none=True)
@@ -220,15 +253,28 @@ def test_lr_schedule():
 
 def test_train_checkpoint_resume_metrics(tmp_path):
     out = tmp_path / "run"
-    cfg = gt.TrainConfig(out_dir=str(out), n_train=16, image_size=32, batch_size=8, epochs=1, context_length=24,
-                         val_images=4, val_size=32, log_every=1, tagger="lexicon", threads=1, w_ge=0.1,
-                         min_label_count=2, pad="repeat")
+    cfg = gt.TrainConfig(
+        out_dir=str(out),
+        n_train=16,
+        image_size=32,
+        batch_size=8,
+        epochs=1,
+        context_length=24,
+        val_images=4,
+        val_size=32,
+        log_every=1,
+        tagger="lexicon",
+        threads=1,
+        w_ge=0.1,
+        min_label_count=2,
+        pad="repeat",
+    )
     res = gt.train(cfg)
     recs = gt.read_metrics(out)
     assert [r["step"] for r in recs if r["type"] == "train"] == [1, 2]
     val = [r for r in recs if r["type"] == "val"]
     assert len(val) == 1 and 0 <= val[0]["miou"] <= 100
-    st = gt.load_checkpoint(out / "last.pt")          # weights_only=True
+    st = gt.load_checkpoint(out / "last.pt")  # weights_only=True
     assert st["epoch"] == 1 and st["step"] == 2 and json.loads(st["config"])["n_train"] == 16
     w1 = st["model"]["img_encoder.pos_embed"].clone()
     # resume: a second epoch continues at step 2 -> 4 and changes the weights
@@ -247,9 +293,9 @@ def test_train_checkpoint_resume_metrics(tmp_path):
 
 
 def test_zero_shot_miou_counts_every_pixel(model):
-    images, sem = gt.synthetic_scenes(3, seed=0, size=32)
-    names, bgs = gt.synthetic_class_names()
-    r = gt.zero_shot_miou(model, images, sem, names, bgs)
+    images, sem = scenes.synthetic_scenes(3, seed=0, size=32)
+    names, bgs = scenes.synthetic_class_names()
+    r = zero_shot.zero_shot_miou(model, images, sem, names, bgs)
     assert r["conf"].sum() == 3 * 32 * 32 and r["conf"].shape == (7, 7)
     # the rows are the ground truth classes present
     assert set(r["conf"].sum(1).nonzero()[0]) == set(sem.unique().tolist())
@@ -257,19 +303,22 @@ def test_zero_shot_miou_counts_every_pixel(model):
 
 def _ddp_worker(rank, world, port, img, lab, pad, q):
     import torch.distributed as dist
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     b = len(img) // world
-    mine = img[rank * b:(rank + 1) * b].clone().requires_grad_(True)
-    loss = gt.multi_label_contrastive(gt.gather(mine), gt.gather(lab[rank * b:(rank + 1) * b]), 4.0,
-                                      gt.gather(pad[rank * b:(rank + 1) * b]))
+    mine = img[rank * b : (rank + 1) * b].clone().requires_grad_(True)
+    loss = gt.multi_label_contrastive(
+        gt.gather(mine), gt.gather(lab[rank * b : (rank + 1) * b]), 4.0, gt.gather(pad[rank * b : (rank + 1) * b])
+    )
     loss.backward()
-    q.put((rank, loss.item(), (mine.grad / world).tolist()))      # DDP averages gradients over the processes
+    q.put((rank, loss.item(), (mine.grad / world).tolist()))  # DDP averages gradients over the processes
     dist.destroy_process_group()
 
 
 def test_all_gather_loss_equals_full_batch():
     import torch.multiprocessing as mp
+
     img, lab = _unit(4, 3, seed=11).float(), _unit(4, 2, 3, seed=12).float()
     pad = torch.tensor([[False, True], [False, False], [False, False], [False, True]])
     full_img = img.clone().requires_grad_(True)
@@ -288,16 +337,18 @@ def test_all_gather_loss_equals_full_batch():
     for rank, loss, grad in res:
         assert loss == pytest.approx(full.item(), rel=1e-5)
         # summed over ranks by all_gather's backward, then averaged by DDP: the full-batch gradient
-        assert torch.allclose(grad, full_img.grad[rank * 2:(rank + 1) * 2], atol=1e-5)
+        assert torch.allclose(grad, full_img.grad[rank * 2 : (rank + 1) * 2], atol=1e-5)
 
 
 def test_cli_recipe_and_overrides():
     from nbsupport.__main__ import build_parser
-    args = build_parser().parse_args(["groupvit-train", "--recipe", "tiny_groupvit_synth", "--epochs", "3",
-                                      "--non-noisy", "false", "--w-ge", "0.5"])
+
+    args = build_parser().parse_args(
+        ["groupvit-train", "--recipe", "tiny_groupvit_synth", "--epochs", "3", "--non-noisy", "false", "--w-ge", "0.5"]
+    )
     cfg = gt.config_from_args(args)
     assert cfg.epochs == 3 and cfg.w_ge == 0.5 and cfg.n_train == gt.RECIPES["tiny_groupvit_synth"]["n_train"]
-    assert cfg.non_noisy is False         # explicit options win over the recipe
+    assert cfg.non_noisy is False  # explicit options win over the recipe
     assert args.export.endswith("data/weights/tiny_groupvit_synth.safetensors")
     plain = gt.config_from_args(build_parser().parse_args(["groupvit-train", "--label-kind", "np"]))
     assert plain.label_kind == "np" and plain.n_train == gt.TrainConfig().n_train and plain.epochs == 2
@@ -306,7 +357,9 @@ def test_cli_recipe_and_overrides():
 @pytest.mark.parametrize("cmd", [["groupvit-train", "--non-noisy"], ["dino", "train", "--dense-image-center"]])
 def test_cli_bool_options_are_strict(cmd, capsys):
     """Boolean options take yes/no words in any case; a typo stops the command instead of meaning False."""
-    from nbsupport.__main__ import build_parser, cli_bool
+    from nbsupport.__main__ import build_parser
+    from nbsupport.core.cli import cli_bool
+
     assert [cli_bool(s) for s in ("TRUE", "on", "1", "No", "off", "0")] == [True] * 3 + [False] * 3
     with pytest.raises(SystemExit):
         build_parser().parse_args(cmd + ["flase"])
@@ -314,7 +367,8 @@ def test_cli_bool_options_are_strict(cmd, capsys):
 
 
 def test_shipped_tiny_model_name():
-    from nbsupport import paths
+    from nbsupport.core import paths
+
     path = paths.data_dir() / "weights" / "tiny_groupvit_synth.safetensors"
     if not path.is_file():
         with pytest.raises(FileNotFoundError, match="tiny_groupvit_synth.safetensors"):
@@ -328,13 +382,14 @@ def test_floors_refuse_a_random_model(model):
     ok, why = gt.beats_floors(model, gt.TrainConfig(val_size=32), n_images=4)
     assert ok is False and "all-background" in why
     r = gt.init_like(model, 0)
-    assert r.cfg == model.cfg and all(torch.equal(a, b) for a, b in zip(r.state_dict().values(),
-                                                                         gv.build("small", 0).state_dict().values()))
+    assert r.cfg == model.cfg and all(
+        torch.equal(a, b) for a, b in zip(r.state_dict().values(), gv.build("small", 0).state_dict().values())
+    )
 
 
 _DDP_TRAIN = """
 import os, sys, torch
-from nbsupport import grouptrain as gt
+from nbsupport.training import groupvit as gt
 torch.set_num_threads(1)
 out = sys.argv[1]
 cfg = gt.TrainConfig(out_dir=out, n_train=16, image_size=32, batch_size=4, epochs=1, val_images=0, context_length=24,
@@ -348,12 +403,28 @@ def test_torchrun_ddp_keeps_ranks_in_sync(tmp_path):
     """Two CPU processes (gloo): the loss step goes through DDP, so both ranks end with identical weights."""
     import subprocess
     import sys
+
     script = tmp_path / "ddp_train.py"
     script.write_text(_DDP_TRAIN)
     port = str(29500 + random.Random(os.getpid() + 1).randint(2001, 4000))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-                        str(script), str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            port,
+            str(script),
+            str(tmp_path / "run"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = (torch.load(tmp_path / "run" / f"rank{i}.pt") for i in (0, 1))
     init = gv.build("small", 0).state_dict()
@@ -374,9 +445,9 @@ def test_training_scenes_take_an_object_scale(tmp_path, monkeypatch):
         d = json.loads((ann.parent / "instances_train.json").read_text())
         return sum(a["area"] for a in d["annotations"]) / (len(d["images"]) * 48 * 48)
 
-    plain = gt.synthetic_captions(24, 0, 48, "train", (1, 1))
-    assert plain == gt.synthetic_captions(24, 0, 48, "train", (1, 1), [0.2, 0.45])
-    big = gt.synthetic_captions(24, 0, 48, "train", (1, 1), (0.5, 0.8))
+    plain = scenes.synthetic_captions(24, 0, 48, "train", (1, 1))
+    assert plain == scenes.synthetic_captions(24, 0, 48, "train", (1, 1), [0.2, 0.45])
+    big = scenes.synthetic_captions(24, 0, 48, "train", (1, 1), (0.5, 0.8))
     assert big != plain and coverage(big) > 2.5 * coverage(plain)
 
 
@@ -385,7 +456,7 @@ def test_group_balance_loss_hand_cases():
     stages with one group are skipped and gradients reach the assignment logits."""
     b, g, n = 2, 4, 6
     even = torch.zeros(b, g, n)
-    even[:, torch.arange(n) % g, torch.arange(n)] = 1.0               # 6 patches over 4 groups: 2, 2, 1, 1
+    even[:, torch.arange(n) % g, torch.arange(n)] = 1.0  # 6 patches over 4 groups: 2, 2, 1, 1
     one = torch.zeros(b, g, n)
     one[:, 0] = 1.0
     assert gt.group_balance_loss([torch.full((b, g, n), 1 / g)]).item() == pytest.approx(0.0, abs=1e-6)
@@ -401,7 +472,8 @@ def test_group_balance_loss_hand_cases():
 def test_image_encoder_starts_from_a_vit():
     """init_image_encoder copies the tiny DINO's patch projection, patch position embeddings and blocks, so
     GroupViT's blocks compute exactly what the ViT's blocks compute; a ViT of another width is refused."""
-    from nbsupport import backbones
+    from nbsupport.models import backbones
+
     vit = backbones.load("tiny_dino_synth")
     model = gv.load("random:small128")
     before = model.state_dict()["img_encoder.layers.0.group_token"].clone()
@@ -417,7 +489,7 @@ def test_image_encoder_starts_from_a_vit():
     with torch.no_grad():
         for mine, theirs in zip(blocks, vit.blocks):
             assert torch.allclose(mine(tokens), theirs(tokens), atol=1e-5)
-    assert torch.equal(model.state_dict()["img_encoder.layers.0.group_token"], before)   # groups keep their init
+    assert torch.equal(model.state_dict()["img_encoder.layers.0.group_token"], before)  # groups keep their init
     with pytest.raises(ValueError, match="small128"):
         gt.init_image_encoder(gv.load("random:small"), vit)
 
@@ -432,13 +504,13 @@ def test_group_label_contrastive_takes_the_best_group_per_label():
     # a copy of the group changes nothing (a max, not a mean) ...
     assert torch.allclose(gt.group_label_contrastive(torch.stack([img, img], 1), lab, 10.0, pad, strings), plain)
     # ... a group equal to each label makes the loss drop: image i holds its own labels exactly
-    exact = lab.clone()                                                    # [B, K, P] as K groups
+    exact = lab.clone()  # [B, K, P] as K groups
     l_exact = gt.group_label_contrastive(exact, lab, 10.0, pad, strings)
     assert float(l_exact) < float(plain)
     # hand case: B=2, K=1, two groups; logits are the max over groups
     g = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.6, 0.8], [0.8, -0.6]]], dtype=torch.float64)
     t = torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]]], dtype=torch.float64)
-    m = torch.tensor([[1.0, 1.0], [0.8, 0.8]]) * 2.0                      # max_g over both labels: [i, label]
-    ce = lambda row, j: float(torch.logsumexp(row, 0) - row[j])           # noqa: E731
+    m = torch.tensor([[1.0, 1.0], [0.8, 0.8]]) * 2.0  # max_g over both labels: [i, label]
+    ce = lambda row, j: float(torch.logsumexp(row, 0) - row[j])  # noqa: E731
     want = (ce(m[0], 0) + ce(m[1], 1)) / 2 + (ce(m[:, 0], 0) + ce(m[:, 1], 1)) / 2
     assert math.isclose(float(gt.group_label_contrastive(g, t, 2.0)), want, rel_tol=1e-6)

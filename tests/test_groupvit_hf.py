@@ -1,6 +1,7 @@
 """Parity with HF transformers' GroupViT (an independent implementation; test-only dependency): identical
 random weights mapped by ``hf_to_official`` give the same soft assignments, group/image embeddings and
 text embeddings; our CLIP BPE tokenizer agrees with HF's CLIPTokenizer built from the same vocabulary."""
+
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from nbsupport import groupvit as gv  # noqa: E402
+from nbsupport.models import groupvit as gv
 
 
 def hf_small():
@@ -16,18 +17,31 @@ def hf_small():
 
     c = gv.CONFIGS["small"]
     cfg = GroupViTConfig(
-        text_config=dict(vocab_size=c.vocab_size, hidden_size=c.text_width, intermediate_size=4 * c.text_width,
-                         num_hidden_layers=c.text_layers, num_attention_heads=c.text_heads,
-                         max_position_embeddings=c.context_length),
-        vision_config=dict(hidden_size=c.embed_dim, intermediate_size=4 * c.embed_dim, depths=list(c.depths),
-                           num_group_tokens=list(c.num_group_tokens),
-                           num_output_groups=list(c.num_output_groups) + [c.num_output_groups[-1]],
-                           num_attention_heads=c.num_heads, image_size=c.img_size, patch_size=c.patch_size),
-        projection_dim=c.proj_dim, projection_intermediate_dim=c.proj_inner)
+        text_config=dict(
+            vocab_size=c.vocab_size,
+            hidden_size=c.text_width,
+            intermediate_size=4 * c.text_width,
+            num_hidden_layers=c.text_layers,
+            num_attention_heads=c.text_heads,
+            max_position_embeddings=c.context_length,
+        ),
+        vision_config=dict(
+            hidden_size=c.embed_dim,
+            intermediate_size=4 * c.embed_dim,
+            depths=list(c.depths),
+            num_group_tokens=list(c.num_group_tokens),
+            num_output_groups=list(c.num_output_groups) + [c.num_output_groups[-1]],
+            num_attention_heads=c.num_heads,
+            image_size=c.img_size,
+            patch_size=c.patch_size,
+        ),
+        projection_dim=c.proj_dim,
+        projection_intermediate_dim=c.proj_inner,
+    )
     torch.manual_seed(0)
     m = GroupViTModel(cfg).eval()
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():   # perturb everything (zero group tokens, unit norms, BN stats) so no term is trivial
+    with torch.no_grad():  # perturb everything (zero group tokens, unit norms, BN stats) so no term is trivial
         for name, t in list(m.named_parameters()) + list(m.named_buffers()):
             if t.dtype.is_floating_point:
                 noise = torch.randn(t.shape, generator=g)
@@ -51,7 +65,7 @@ def test_state_dict_mapping_is_complete(pair):
     hf, ours = pair
     mapped = gv.hf_to_official(hf.state_dict())
     own = ours.state_dict()
-    assert set(own) - set(mapped) == set()          # every one of our tensors comes from HF
+    assert set(own) - set(mapped) == set()  # every one of our tensors comes from HF
     assert set(mapped) - set(own) == set()
     assert gv.infer_config(mapped) == gv.CONFIGS["small"]
 
@@ -105,15 +119,20 @@ def test_tokenizer_matches_hf_clip_tokenizer(tmp_path):
 
     tok = gv.tokenizer()
     merges = sorted(tok.ranks, key=tok.ranks.get)
-    try:   # transformers >= 5: vocab dict + merge list (a Rust BPE from the tokenizers package)
+    try:  # transformers >= 5: vocab dict + merge list (a Rust BPE from the tokenizers package)
         hf = CLIPTokenizer(vocab=dict(tok.encoder), merges=merges)
     except TypeError:
         vocab, mf = tmp_path / "vocab.json", tmp_path / "merges.txt"
         vocab.write_text(json.dumps(tok.encoder))
         mf.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
         hf = CLIPTokenizer(vocab_file=str(vocab), merges_file=str(mf))
-    texts = ["a photo of a cat.", "A PHOTO of the Dining-Table!!", "tv monitor, pottedplant & sofa 123",
-             "it's a bird's nest; they're flying", "naïve café über straße"]
+    texts = [
+        "a photo of a cat.",
+        "A PHOTO of the Dining-Table!!",
+        "tv monitor, pottedplant & sofa 123",
+        "it's a bird's nest; they're flying",
+        "naïve café über straße",
+    ]
     for t in texts:
         ref = hf(t)["input_ids"]
         assert [tok.sot] + tok.encode(t) + [tok.eot] == ref, t

@@ -1,4 +1,5 @@
 """MaskCut: solver agreement with the dense reference, reference rules, pixel masks, COCO export."""
+
 import json
 
 import numpy as np
@@ -89,8 +90,8 @@ def test_planted_objects_recovered_one_per_pass():
 
 def test_bipartition_rules_and_sign_invariance():
     v = np.zeros((6, 6))
-    v[1:3, 1:3] = 1.0     # object A
-    v[4:6, 4:6] = 0.8     # object B, not connected to A
+    v[1:3, 1:3] = 1.0  # object A
+    v[4:6, 4:6] = 0.8  # object B, not connected to A
     for sign in (1, -1):
         m = mc.bipartition(sign * v.ravel(), (6, 6))
         expected = np.zeros((6, 6), bool)
@@ -182,7 +183,7 @@ def test_auto_tau_fixed_threshold_only_for_official_weights():
     keys are nearly parallel) get the per-image median, which still finds objects."""
     from types import SimpleNamespace
 
-    from nbsupport import backbones
+    from nbsupport.models import backbones
 
     def fake(name, pretrained=True):
         return SimpleNamespace(nbs_info={"name": name, "pretrained": pretrained})
@@ -202,9 +203,9 @@ def test_auto_tau_fixed_threshold_only_for_official_weights():
     # why: on a synthetic scene every key cosine of the tiny DINO exceeds 0.15, so 0.15 gives a complete graph
     from PIL import Image
 
-    from nbsupport import features
-    from nbsupport.data import image_to_tensor
+    from nbsupport.data.images import image_to_tensor
     from nbsupport.data.synthetic import render_scene
+    from nbsupport.models import features
 
     x = image_to_tensor(Image.fromarray(render_scene(0, size=128).image), 128)[None]
     k = torch.nn.functional.normalize(features.extract(tiny, x, "key", -1).flatten(1, 2)[0], dim=-1)

@@ -1,4 +1,5 @@
 """MaskCut command line: resume after a crash without duplicates or losses, shards + merge, bad images."""
+
 import json
 import os
 import subprocess
@@ -11,8 +12,9 @@ from nbsupport.data import synthetic
 
 def run_cli(args, env_extra=None):
     env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "nbsupport", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "nbsupport", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +29,7 @@ COMMON = ["--backbone", "random_tiny8", "--size", "64", "--tau", "median", "--ba
 
 def test_resume_after_crash(images, tmp_path):
     out = tmp_path / "ann.json"
-    r = run_cli(["maskcut", "--images", str(images), "--out", str(out), *COMMON],
-                {"NBSUPPORT_MASKCUT_FAIL_AFTER": "4"})
+    r = run_cli(["maskcut", "--images", str(images), "--out", str(out), *COMMON], {"NBSUPPORT_MASKCUT_FAIL_AFTER": "4"})
     assert r.returncode != 0 and "simulated crash" in r.stderr
     partial = tmp_path / "ann.json.partial.jsonl"
     lines = partial.read_text().splitlines()
@@ -54,7 +55,9 @@ def test_shards_merge_to_the_single_run(images, tmp_path):
     shards = []
     for i in range(2):
         s = tmp_path / f"shard{i}.json"
-        assert run_cli(["maskcut", "--images", str(images), "--out", str(s), "--shard", f"{i}/2", *COMMON]).returncode == 0
+        assert (
+            run_cli(["maskcut", "--images", str(images), "--out", str(s), "--shard", f"{i}/2", *COMMON]).returncode == 0
+        )
         shards.append(str(s))
     merged = tmp_path / "merged.json"
     assert run_cli(["maskcut-merge", *shards, "--out", str(merged)]).returncode == 0

@@ -1,8 +1,10 @@
 """Class-agnostic COCO AP against hand-made cases, and mask recall."""
+
 import numpy as np
 import pytest
 
-from nbsupport import maskcut as mc, metrics
+from nbsupport import maskcut as mc
+from nbsupport.analysis import metrics
 
 
 def gt_dict(masks, cats):
@@ -10,8 +12,11 @@ def gt_dict(masks, cats):
     for a, c in zip(anns, cats):
         a["category_id"] = c
         a.pop("score")
-    return {"images": [{"id": 1, "file_name": "a.png", "height": 32, "width": 32}], "annotations": anns,
-            "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    return {
+        "images": [{"id": 1, "file_name": "a.png", "height": 32, "width": 32}],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+    }
 
 
 def masks():

@@ -1,6 +1,7 @@
 """The papermill runner: parameters reach the kernel, run folder and summary, failures, bad requests.
 
 Real notebook executions cost ~3 s each: only ``test_run_good_and_failing_notebooks`` executes (two)."""
+
 import datetime
 import json
 import os
@@ -13,13 +14,13 @@ from types import SimpleNamespace
 import nbformat
 import pytest
 
-import nbsupport.__main__ as nbmain
-from nbsupport import runner
+from nbsupport import __main__ as nbmain
+from nbsupport.notebook import runner
 
 GOOD_BODY = """\
 import json, os, sys
 import matplotlib.pyplot as plt
-from nbsupport import viz
+from nbsupport.notebook import viz
 fig, ax = plt.subplots()
 ax.plot([1, 2], [alpha, alpha])
 viz.save_figure(fig, 'line plot')
@@ -51,8 +52,9 @@ def project(tmp_path, monkeypatch):
     make_nb(nbs / "03_noparams.ipynb", "gamma = 3\n", "pass\n", tagged=False)
     (nbs / "notes.ipynb").write_text("{}")  # not [0-9]*: never selected by default
     prof = tmp_path / "profiles.yaml"
-    prof.write_text("smoke:\n  '*': {alpha: 5, unused_elsewhere: 1}\n  01_good: {name: smoky}\n"
-                    "typo:\n  01_good: {alpah: 1}\n")
+    prof.write_text(
+        "smoke:\n  '*': {alpha: 5, unused_elsewhere: 1}\n  01_good: {name: smoky}\ntypo:\n  01_good: {alpah: 1}\n"
+    )
     monkeypatch.setenv("NBSUPPORT_ROOT", str(tmp_path))
     monkeypatch.setenv("NBSUPPORT_PROFILES", str(prof))
     for k in ("NBSUPPORT_RUN_DIR", "NBSUPPORT_NOTEBOOK", "NBSUPPORT_PROFILE"):
@@ -61,10 +63,33 @@ def project(tmp_path, monkeypatch):
 
 
 def test_parse_values():
-    assert runner.parse_overrides(["a=3", "b=0.1", "c=true", "d=[1, 2]", "e=hello world", "f=none", "g=null",
-                                   "h=x=y", "i=1e-3", "j=[a, 0.5]", "k={"]) == {
-        "a": 3, "b": 0.1, "c": True, "d": [1, 2], "e": "hello world", "f": "none", "g": None,
-        "h": "x=y", "i": "1e-3", "j": ["a", 0.5], "k": "{"}  # YAML 1.1: 1e-3 (no dot) stays text
+    assert runner.parse_overrides(
+        [
+            "a=3",
+            "b=0.1",
+            "c=true",
+            "d=[1, 2]",
+            "e=hello world",
+            "f=none",
+            "g=null",
+            "h=x=y",
+            "i=1e-3",
+            "j=[a, 0.5]",
+            "k={",
+        ]
+    ) == {
+        "a": 3,
+        "b": 0.1,
+        "c": True,
+        "d": [1, 2],
+        "e": "hello world",
+        "f": "none",
+        "g": None,
+        "h": "x=y",
+        "i": "1e-3",
+        "j": ["a", 0.5],
+        "k": "{",
+    }  # YAML 1.1: 1e-3 (no dot) stays text
     assert runner.parse_overrides(["a=1", "a=2"]) == {"a": 2}
     for bad in (["novalue"], ["=3"]):
         with pytest.raises(runner.RunError, match="key=value"):
@@ -75,12 +100,16 @@ def test_notebook_selection_and_parameter_resolution(project):
     nbs = project / "notebooks"
     assert [p.name for p in runner.find_notebooks()] == ["01_good.ipynb", "02_bad.ipynb", "03_noparams.ipynb"]
     assert runner.find_notebooks(["02_bad", str(nbs / "01_good.ipynb"), "02_bad.ipynb"]) == [
-        nbs / "02_bad.ipynb", nbs / "01_good.ipynb"]  # stems and paths, duplicates dropped
+        nbs / "02_bad.ipynb",
+        nbs / "01_good.ipynb",
+    ]  # stems and paths, duplicates dropped
     profiles = runner.load_profiles()
     # "*" only where declared (unused_elsewhere dropped), then the notebook entry, then -p; profile injected
     plan = runner.plan_run(["01_good", "02_bad"], "smoke", {"sizes": [3], "beta": 7}, profiles)
-    assert plan == [(nbs / "01_good.ipynb", {"alpha": 5, "name": "smoky", "sizes": [3], "profile": "smoke"}),
-                    (nbs / "02_bad.ipynb", {"beta": 7})]
+    assert plan == [
+        (nbs / "01_good.ipynb", {"alpha": 5, "name": "smoky", "sizes": [3], "profile": "smoke"}),
+        (nbs / "02_bad.ipynb", {"beta": 7}),
+    ]
     assert runner.plan_run(["01_good"], "smoke", {"alpha": 0.5}, profiles)[0][1]["alpha"] == 0.5
 
 
@@ -125,20 +154,39 @@ def test_kernel_check(monkeypatch):
 
 def test_run_good_and_failing_notebooks(project, capsys):
     out = project / "runs" / "r1"
-    code = nbmain.main(["run", str(project / "notebooks" / "01_good.ipynb"), "02_bad", "--profile", "smoke",
-                        "-p", "sizes=[3, 4]", "-p", "alpha=2.5", "--out", str(out)])
+    code = nbmain.main(
+        [
+            "run",
+            str(project / "notebooks" / "01_good.ipynb"),
+            "02_bad",
+            "--profile",
+            "smoke",
+            "-p",
+            "sizes=[3, 4]",
+            "-p",
+            "alpha=2.5",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 1  # one notebook failed, the other still ran
     stdout = capsys.readouterr().out
     assert re.search(r"^\[1/2\] 01_good \.\.\. ok \(\d+\.\d s, 1 figure\)$", stdout, re.M), stdout
-    assert re.search(r"^\[2/2\] 02_bad \.\.\. failed \(\d+\.\d s, 0 figures\): ZeroDivisionError: planted failure$",
-                     stdout, re.M), stdout
+    assert re.search(
+        r"^\[2/2\] 02_bad \.\.\. failed \(\d+\.\d s, 0 figures\): ZeroDivisionError: planted failure$", stdout, re.M
+    ), stdout
 
     # injected values, environment and interpreter as the kernel saw them
     seen = json.loads((out / "seen.json").read_text())
-    assert seen == {"alpha": 2.5, "name": "smoky", "sizes": [3, 4], "profile": "smoke",
-                    "cwd": str(project / "notebooks"), "python": sys.executable,
-                    "env": {"NBSUPPORT_NOTEBOOK": "01_good", "NBSUPPORT_PROFILE": "smoke",
-                            "NBSUPPORT_RUN_DIR": str(out)}}
+    assert seen == {
+        "alpha": 2.5,
+        "name": "smoky",
+        "sizes": [3, 4],
+        "profile": "smoke",
+        "cwd": str(project / "notebooks"),
+        "python": sys.executable,
+        "env": {"NBSUPPORT_NOTEBOOK": "01_good", "NBSUPPORT_PROFILE": "smoke", "NBSUPPORT_RUN_DIR": str(out)},
+    }
     assert "NBSUPPORT_NOTEBOOK" not in os.environ  # restored after the run
 
     # executed copies (with the figure inline), figures as PNG + PDF
@@ -161,8 +209,11 @@ def test_run_good_and_failing_notebooks(project, capsys):
 
     md = (out / "summary.md").read_text()
     assert "profile `smoke`" in md and "`sizes=[3, 4]`" in md and "1/2 notebooks ok" in md
-    assert re.search(r"\| \[01_good\]\(notebooks/01_good\.ipynb\) \| ok \| \d+\.\d \| "
-                     r"\[line_plot\]\(figures/01_good/line_plot\.png\) \|  \|", md), md
+    assert re.search(
+        r"\| \[01_good\]\(notebooks/01_good\.ipynb\) \| ok \| \d+\.\d \| "
+        r"\[line_plot\]\(figures/01_good/line_plot\.png\) \|  \|",
+        md,
+    ), md
     assert "| failed |" in md and "ZeroDivisionError: planted failure" in md
 
     log = (out / "run.log").read_text()
@@ -172,7 +223,7 @@ def test_run_good_and_failing_notebooks(project, capsys):
 def test_module_entry_point(project, monkeypatch, capsys):
     assert nbmain.main([]) == 0 and "run" in capsys.readouterr().out  # no command: help
     # a missing optional module is skipped; a missing dependency inside a module propagates
-    monkeypatch.setattr(nbmain, "CLI_MODULES", ("runner", "no_such_module"))
+    monkeypatch.setattr(nbmain, "CLI_MODULES", ("notebook.runner", "no_such_module"))
     assert "run" in nbmain.build_parser().format_help()
 
     real_import = nbmain.importlib.import_module
@@ -186,8 +237,14 @@ def test_module_entry_point(project, monkeypatch, capsys):
     with pytest.raises(ModuleNotFoundError, match="somedep"):
         nbmain.build_parser()
     # the real `python -m nbsupport` propagates the exit code
-    proc = subprocess.run([sys.executable, "-m", "nbsupport", "run", "--profile", "nope"], capture_output=True,
-                          text=True, cwd=Path(runner.__file__).parent.parent, env=os.environ.copy(), timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nbsupport", "run", "--profile", "nope"],
+        capture_output=True,
+        text=True,
+        cwd=Path(runner.__file__).parents[2],
+        env=os.environ.copy(),
+        timeout=120,
+    )
     assert proc.returncode == 2 and "unknown profile 'nope'" in proc.stderr
 
 
@@ -199,7 +256,8 @@ def test_error_summary_lines():
     assert runner.error_summary(e) == "ZeroDivisionError: division by zero"
     msg = "-----\nA cell timed out while it was being executed, after 1 seconds.\n-----\nsleep(5)"
     assert runner.error_summary(CellTimeoutError(msg)) == (
-        "CellTimeoutError: A cell timed out while it was being executed, after 1 seconds.")
+        "CellTimeoutError: A cell timed out while it was being executed, after 1 seconds."
+    )
     assert runner.error_summary(RuntimeError("x" * 500)).endswith("...")
 
 
@@ -218,8 +276,12 @@ def test_default_run_folder_and_interrupt(project, monkeypatch):
     first = runner.run(["01_good"], "smoke", log=lambda m: None)
     run_dir = Path(first["run_dir"])
     assert re.fullmatch(r"\d{8}-\d{6}-smoke", run_dir.name) and run_dir.parent == project / "runs"
-    assert first["ok"] and calls[0] == ("01_good", {"alpha": 5, "name": "smoky", "profile": "smoke"}, "python3",
-                                        str(project / "notebooks"))
+    assert first["ok"] and calls[0] == (
+        "01_good",
+        {"alpha": 5, "name": "smoky", "profile": "smoke"},
+        "python3",
+        str(project / "notebooks"),
+    )
     with pytest.raises(KeyboardInterrupt):
         runner.run(["01_good", "02_bad"], "smoke", out=run_dir, log=lambda m: None)
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -1,4 +1,5 @@
 """The synthetic scene world: determinism, exact ground truth, COCO export, class is shape not colour."""
+
 import hashlib
 import json
 import time
@@ -6,7 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from nbsupport.data import CocoCaptions, CocoInstances, synthetic as syn
+from nbsupport.data import synthetic as syn
+from nbsupport.data.coco import CocoCaptions, CocoInstances
 
 NAMES = {c.id: c for c in syn.CLASSES}
 
@@ -68,8 +70,10 @@ def test_caption_relations():
     two = syn.caption_for([1, 2], [(10, 5), (12, 50)], "gravel")
     assert two == "a striped triangle left of a dotted circle on gravel"
     assert syn.caption_for([2, 1], [(12, 50), (10, 5)], "sand") == "a dotted circle right of a striped triangle on sand"
-    assert syn.caption_for([3, 4, 6], [(5, 20), (60, 25), (58, 90)], "wood") == \
-        "a checkered square above a wavy star left of a zigzag cross on wood"
+    assert (
+        syn.caption_for([3, 4, 6], [(5, 20), (60, 25), (58, 90)], "wood")
+        == "a checkered square above a wavy star left of a zigzag cross on wood"
+    )
     assert syn.caption_for([5], [(3, 3)], "water") == "a plain ring on water"
     assert syn.caption_for([], [], "grass") == "empty grass"
 
@@ -123,7 +127,7 @@ def test_labels_match_what_is_drawn(monkeypatch):
         union = sc.instance_masks.any(0)
         labels = np.where(union, sc.instance_masks.argmax(0), -1)
         pad = np.pad(labels, 1, constant_values=-1)
-        nb = np.stack([pad[dy:dy + 96, dx:dx + 96] for dy in range(3) for dx in range(3)])  # 3x3 neighbourhoods
+        nb = np.stack([pad[dy : dy + 96, dx : dx + 96] for dy in range(3) for dx in range(3)])  # 3x3 neighbourhoods
         lo, hi = np.where(nb >= 0, nb, 99).min(0), nb.max(0)
         single = (hi < 0) | (lo == hi)  # at most one instance nearby: red is that instance's coverage
         ambiguous = (red == 127) | (red == 128)  # coverage of exactly one half
@@ -143,9 +147,9 @@ def test_colour_is_not_class_but_shape_is():
     """Mean colour of an instance predicts its class at chance level; a few shape descriptors predict
     it well: classes differ in shape (and texture), colour is random per instance."""
     from skimage.measure import regionprops
+    from sklearn.ensemble import RandomForestClassifier
     from sklearn.model_selection import cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.ensemble import RandomForestClassifier
 
     colour, shape, labels = [], [], []
     for seed in range(150):
@@ -156,7 +160,7 @@ def test_colour_is_not_class_but_shape_is():
                 continue  # clipped by the frame
             p = regionprops(m.astype(np.uint8))[0]
             colour.append(sc.image[m].mean(0))
-            shape.append([p.solidity, p.extent, p.euler_number, p.perimeter ** 2 / p.area, p.eccentricity])
+            shape.append([p.solidity, p.extent, p.euler_number, p.perimeter**2 / p.area, p.eccentricity])
             labels.append(c)
     colour, shape, labels = np.array(colour), np.array(shape), np.array(labels)
     assert len(set(labels)) == len(syn.CLASSES) and len(labels) > 150
@@ -180,9 +184,15 @@ def test_render_speed():
 
 
 def test_bad_arguments_are_named():
-    for kw, msg in [({"n_objects": (3, 1)}, "n_objects"), ({"n_objects": "many"}, "n_objects"),
-                    ({"scale": (0.5, 2)}, "scale"), ({"size": 8}, "size"), ({"classes": ["cube"]}, "cube"),
-                    ({"backgrounds": ["lava"]}, "backgrounds"), ({"min_visible": 2}, "min_visible")]:
+    for kw, msg in [
+        ({"n_objects": (3, 1)}, "n_objects"),
+        ({"n_objects": "many"}, "n_objects"),
+        ({"scale": (0.5, 2)}, "scale"),
+        ({"size": 8}, "size"),
+        ({"classes": ["cube"]}, "cube"),
+        ({"backgrounds": ["lava"]}, "backgrounds"),
+        ({"min_visible": 2}, "min_visible"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             syn.render_scene(0, **kw)
     with pytest.raises(ValueError, match="split"):
@@ -206,8 +216,12 @@ def test_make_dataset_coco_roundtrip_and_bytes(tmp_path):
     r2 = syn.make_dataset(tmp_path / "b", 6, seed=3, size=64, split="val", overlap="allowed")
     r3 = syn.make_dataset(tmp_path / "c", 6, seed=4, size=64, split="val", overlap="allowed")
     assert _digest(r1) == _digest(r2) != _digest(r3)
-    assert sorted(p.name for p in r1.iterdir()) == ["captions_val.json", "images", "instances_val.json",
-                                                    "manifest.json"]
+    assert sorted(p.name for p in r1.iterdir()) == [
+        "captions_val.json",
+        "images",
+        "instances_val.json",
+        "manifest.json",
+    ]
     ds = CocoInstances(r1 / "instances_val.json")
     assert ds.image_ids == list(range(1, 7)) and ds.categories == {c.id: c.noun for c in syn.CLASSES}
     caps = CocoCaptions(r1 / "captions_val.json")
@@ -312,9 +326,9 @@ def test_textures_are_told_apart_at_patch_scale():
         g = sc.image.astype(float) @ np.array([0.299, 0.587, 0.114])
         for _ in range(10):
             i, j = rng.integers(0, 57, 2)
-            lab = sc.semantic[i:i + 8, j:j + 8]
+            lab = sc.semantic[i : i + 8, j : j + 8]
             if (lab == lab[0, 0]).all() and lab[0, 0] > 0:
-                w = g[i:i + 8, j:j + 8]
+                w = g[i : i + 8, j : j + 8]
                 w = (w - w.mean()) / (w.std() + 0.255)
                 X.append(np.sort(np.abs(np.fft.fft2(w)).ravel())[::-1][:24])
                 y.append(lab[0, 0])

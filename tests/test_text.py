@@ -1,11 +1,12 @@
 """Label extraction from captions (nbsupport.text; thesis sections 4.3, 5.6-5.7.1)."""
+
 import logging
 import random
 from collections import Counter
 
 import pytest
 
-from nbsupport import text
+from nbsupport.data import caption_labels as text
 from nbsupport.data import synthetic
 
 CAP = "a striped triangle left of a dotted circle above a wavy star on gravel"
@@ -33,8 +34,12 @@ def test_nouns_and_phrases_of_synthetic_captions(tagger):
     assert text.extract_nouns(CAP2, tagger) == ["ring", "square", "cross", "water"]
     assert text.extract_noun_phrases(CAP2, tagger) == ["plain ring", "checkered square", "zigzag cross"]
     assert text.extract_nouns("empty sand", tagger) == ["sand"]
-    assert text.candidates(CAP, "np+nouns", tagger)[:4] == ["striped triangle", "dotted circle", "wavy star",
-                                                            "triangle"]
+    assert text.candidates(CAP, "np+nouns", tagger)[:4] == [
+        "striped triangle",
+        "dotted circle",
+        "wavy star",
+        "triangle",
+    ]
 
 
 def test_every_rendered_caption_yields_its_objects(tagger):
@@ -43,8 +48,11 @@ def test_every_rendered_caption_yields_its_objects(tagger):
         nouns = text.extract_nouns(sc.caption, tagger)
         assert nouns == list(dict.fromkeys(sc.nouns + [sc.background])), sc.caption
         names = {c.id: c.name for c in synthetic.CLASSES}
-        assert text.extract_noun_phrases(sc.caption, tagger)[:len(set(sc.category_ids))] == \
-            list(dict.fromkeys(names[c] for c in sc.category_ids)) or not sc.category_ids
+        assert (
+            text.extract_noun_phrases(sc.caption, tagger)[: len(set(sc.category_ids))]
+            == list(dict.fromkeys(names[c] for c in sc.category_ids))
+            or not sc.category_ids
+        )
 
 
 def test_wordnet_filter_drops_non_nouns():
@@ -53,7 +61,7 @@ def test_wordnet_filter_drops_non_nouns():
     except LookupError:
         pytest.skip("no WordNet data here")
     cap = "A man riding a brown horse twice near the exact red cars"
-    assert text.extract_nouns(cap, t) == ["man", "horse", "cars"]                 # not 'twice', 'exact'
+    assert text.extract_nouns(cap, t) == ["man", "horse", "cars"]  # not 'twice', 'exact'
     assert text.extract_nouns(cap, t, verbs=True) == ["man", "riding", "horse", "cars"]
     assert t(["Jonas"])[0][1] == "NNP" and t(["xqzt"])[0][1] == "FW"
 
@@ -103,11 +111,11 @@ def test_curated_vocabulary_by_frequency():
     assert text.curated_vocabulary(freq, 5) == {"grass", "triangle"}
     assert text.curated_vocabulary(freq, 2) == {"grass", "triangle", "circle"}
     # curated labels come first, other nouns fill up (thesis 5.7.1)
-    lab = text.extract_labels("a wavy star left of a striped triangle on grass", k=2, tagger=t,
-                              vocabulary={"grass", "triangle"})
+    lab = text.extract_labels(
+        "a wavy star left of a striped triangle on grass", k=2, tagger=t, vocabulary={"grass", "triangle"}
+    )
     assert lab.raw == ["triangle", "grass"]
-    lab = text.extract_labels("a wavy star left of a striped triangle on grass", k=3, tagger=t,
-                              vocabulary={"grass"})
+    lab = text.extract_labels("a wavy star left of a striped triangle on grass", k=3, tagger=t, vocabulary={"grass"})
     assert lab.raw == ["grass", "star", "triangle"]
     with pytest.raises(ValueError, match="min_count"):
         text.curated_vocabulary(freq, 0)
@@ -125,7 +133,7 @@ def test_system_wordnet_install(tmp_path):
 
 def test_choice_is_logged(caplog):
     text.get_tagger.cache_clear()
-    with caplog.at_level(logging.INFO, logger="nbsupport.text"):
+    with caplog.at_level(logging.INFO, logger="nbsupport.data.caption_labels"):
         t = text.get_tagger("auto")
     assert t.name in ("perceptron", "wordnet", "lexicon")
     assert any("tagger" in r.message or "WordNet" in r.message for r in caplog.records)

@@ -1,4 +1,5 @@
 """Figures land in the run folder as PNG + PDF; helpers draw what they promise."""
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -11,8 +12,8 @@ from matplotlib.image import AxesImage  # noqa: E402
 from matplotlib.patches import ConnectionPatch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from nbsupport import viz  # noqa: E402
-from nbsupport.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from nbsupport.data.images import IMAGENET_MEAN, IMAGENET_STD
+from nbsupport.notebook import viz
 
 
 @pytest.fixture(autouse=True)
@@ -27,12 +28,18 @@ def test_save_figure_location_and_name(tmp_path, monkeypatch):
     fig, ax = plt.subplots()
     ax.plot([0, 1])
     out = viz.save_figure(fig, "Fig 8: keys / layer 9")
-    assert out == {"png": tmp_path / "figures" / "07_demo" / "Fig_8_keys_layer_9.png",
-                   "pdf": tmp_path / "figures" / "07_demo" / "Fig_8_keys_layer_9.pdf"}
+    assert out == {
+        "png": tmp_path / "figures" / "07_demo" / "Fig_8_keys_layer_9.png",
+        "pdf": tmp_path / "figures" / "07_demo" / "Fig_8_keys_layer_9.pdf",
+    }
     assert out["png"].read_bytes()[:4] == b"\x89PNG" and out["pdf"].read_bytes()[:4] == b"%PDF"
     assert viz.save_figure(fig, "already.png")["pdf"].name == "already.pdf"  # no "already.png.pdf"
     assert sorted(p.name for p in viz.figure_dir().iterdir()) == [
-        "Fig_8_keys_layer_9.pdf", "Fig_8_keys_layer_9.png", "already.pdf", "already.png"]
+        "Fig_8_keys_layer_9.pdf",
+        "Fig_8_keys_layer_9.png",
+        "already.pdf",
+        "already.png",
+    ]
     with pytest.raises(ValueError, match="no usable characters"):
         viz.save_figure(fig, "///")
     monkeypatch.delenv("NBSUPPORT_NOTEBOOK")

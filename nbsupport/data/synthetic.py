@@ -27,6 +27,7 @@ coverage, so the masks agree with what is drawn to within that half-pixel rule.
 loaders of :mod:`nbsupport.data` read synthetic and real data alike; :func:`synthetic_dataset` caches
 one under ``data/generated/``.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -44,7 +45,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .. import paths
+from nbsupport.core import paths
 
 #: Bump whenever rendering changes: it is part of every cache key, so stale cached datasets are rebuilt.
 WORLD_VERSION = 3
@@ -72,15 +73,26 @@ CLASSES = (
     ObjectClass(5, "ring", "plain"),
     ObjectClass(6, "cross", "zigzag"),
 )
+
+
 #: Named procedural backgrounds.
 BACKGROUNDS = ("gravel", "grass", "sand", "water", "wood")
+
+
 #: Fixed seed-stream codes of the usual splits (other split names get a CRC32 code), so splits never share scenes.
 SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
 #: Default object diameters (min, max) as fractions of the image side; validation scenes always use these.
 OBJECT_SCALE = (0.2, 0.45)
+
+
 #: Default minimum visible fraction of an object under ``overlap="allowed"`` (see :func:`render_scene`).
 MIN_VISIBLE = 0.25
+
+
 _MIN_PIXELS = 16  # an object must cover at least this many pixels of the frame
+
 
 _BY_ID = {c.id: c for c in CLASSES}
 
@@ -221,8 +233,9 @@ def _star(r: float, inner: float = 0.45) -> np.ndarray:
 
 def _cross(r: float, w: float = 0.3) -> np.ndarray:
     a, b = 0.96 * r, w * r
-    return np.array([(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b),
-                      (-a, -b), (-b, -b)])
+    return np.array(
+        [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b)]
+    )
 
 
 def _shape_sd(noun: str, u: np.ndarray, v: np.ndarray, r: float, rng) -> np.ndarray:
@@ -316,7 +329,7 @@ def _article(word: str) -> str:
 
 
 def caption_for(category_ids, centroids, background: str) -> str:
-    """"a striped triangle left of a dotted circle above a wavy star on gravel": every object in order,
+    """ "a striped triangle left of a dotted circle above a wavy star on gravel": every object in order,
     each related to the next one by their centroids; "empty gravel" without objects."""
     if not len(category_ids):
         return f"empty {background}"
@@ -340,8 +353,10 @@ def _pick_classes(classes) -> list[ObjectClass]:
     for c in classes:
         hit = [k for k in CLASSES if c in (k.id, k.noun, k.name)]
         if not hit:
-            raise ValueError(f"unknown class {c!r} in classes: use ids {[k.id for k in CLASSES]} or nouns "
-                             f"{[k.noun for k in CLASSES]}")
+            raise ValueError(
+                f"unknown class {c!r} in classes: use ids {[k.id for k in CLASSES]} or nouns "
+                f"{[k.noun for k in CLASSES]}"
+            )
         out.append(hit[0])
     if not out:
         raise ValueError("classes is empty")
@@ -361,9 +376,19 @@ def _count_range(n_objects) -> tuple[int, int]:
     return lo, hi
 
 
-def render_scene(rng_or_seed=0, size: int = 128, n_objects=(1, 3), scale=OBJECT_SCALE, overlap: str = "none",
-                 classes=None, backgrounds=None, min_visible: float = MIN_VISIBLE, max_tries: int = 50,
-                 noise: float = 0.012, appearance=None) -> Scene:
+def render_scene(
+    rng_or_seed=0,
+    size: int = 128,
+    n_objects=(1, 3),
+    scale=OBJECT_SCALE,
+    overlap: str = "none",
+    classes=None,
+    backgrounds=None,
+    min_visible: float = MIN_VISIBLE,
+    max_tries: int = 50,
+    noise: float = 0.012,
+    appearance=None,
+) -> Scene:
     """Render one scene; a few ms at 128 px.
 
     ``rng_or_seed``: a ``numpy.random.Generator`` or an int seed. ``n_objects``: int or inclusive
@@ -497,12 +522,29 @@ def _params(n_images, seed, size, split, n_objects, overlap, kw) -> dict:
     """The JSON-able parameters that determine a dataset's bytes (the manifest and the cache key)."""
     no = [int(x) for x in n_objects] if not isinstance(n_objects, (int, np.integer)) else int(n_objects)
     extra = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(kw.items())}
-    return {"world_version": WORLD_VERSION, "n_images": int(n_images), "seed": int(seed), "size": int(size),
-            "split": split, "n_objects": no, "overlap": overlap, **extra}
+    return {
+        "world_version": WORLD_VERSION,
+        "n_images": int(n_images),
+        "seed": int(seed),
+        "size": int(size),
+        "split": split,
+        "n_objects": no,
+        "overlap": overlap,
+        **extra,
+    }
 
 
-def make_dataset(root, n_images: int, seed: int = 0, size: int = 128, split: str = "train", n_objects=(1, 3),
-                 overlap: str = "none", progress: bool | None = None, **kw) -> Path:
+def make_dataset(
+    root,
+    n_images: int,
+    seed: int = 0,
+    size: int = 128,
+    split: str = "train",
+    n_objects=(1, 3),
+    overlap: str = "none",
+    progress: bool | None = None,
+    **kw,
+) -> Path:
     """Write ``n_images`` scenes of ``split`` under ``root`` and return ``root``.
 
     Files: ``images/<split>_<i:06d>.png``; ``instances_<split>.json`` (COCO instances: image ids 1..n,
@@ -533,17 +575,28 @@ def make_dataset(root, n_images: int, seed: int = 0, size: int = 128, split: str
         caps.append({"id": image_id, "image_id": image_id, "caption": sc.caption})
         for m, c in zip(sc.instance_masks, sc.category_ids):
             rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-            anns.append({
-                "id": len(anns) + 1, "image_id": image_id, "category_id": int(c), "iscrowd": 0,
-                "segmentation": {"size": [int(x) for x in rle["size"]], "counts": rle["counts"].decode("ascii")},
-                "area": float(mask_utils.area(rle)), "bbox": [float(x) for x in mask_utils.toBbox(rle)],
-            })
-    info = {"description": "nbsupport synthetic scene world", "version": str(WORLD_VERSION), "split": split,
-            "seed": int(seed)}
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": image_id,
+                    "category_id": int(c),
+                    "iscrowd": 0,
+                    "segmentation": {"size": [int(x) for x in rle["size"]], "counts": rle["counts"].decode("ascii")},
+                    "area": float(mask_utils.area(rle)),
+                    "bbox": [float(x) for x in mask_utils.toBbox(rle)],
+                }
+            )
+    info = {
+        "description": "nbsupport synthetic scene world",
+        "version": str(WORLD_VERSION),
+        "split": split,
+        "seed": int(seed),
+    }
     inst = {"info": info, "licenses": [], "images": images, "annotations": anns, "categories": categories()}
     (root / f"instances_{split}.json").write_text(json.dumps(inst))
-    (root / f"captions_{split}.json").write_text(json.dumps({"info": info, "licenses": [], "images": images,
-                                                             "annotations": caps}))
+    (root / f"captions_{split}.json").write_text(
+        json.dumps({"info": info, "licenses": [], "images": images, "annotations": caps})
+    )
     manifest_path = root / "manifest.json"
     manifest = {"world_version": WORLD_VERSION, "splits": {}}
     if manifest_path.is_file():
@@ -563,8 +616,12 @@ def _manifest_matches(root: Path, split: str, params: dict) -> bool:
         man = json.loads((root / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return (isinstance(man, dict) and man.get("splits", {}).get(split) == params
-            and (root / f"instances_{split}.json").is_file() and (root / f"captions_{split}.json").is_file())
+    return (
+        isinstance(man, dict)
+        and man.get("splits", {}).get(split) == params
+        and (root / f"instances_{split}.json").is_file()
+        and (root / f"captions_{split}.json").is_file()
+    )
 
 
 def _install(tmp: Path, root: Path, split: str) -> None:
@@ -595,8 +652,17 @@ def _install(tmp: Path, root: Path, split: str) -> None:
     (root / "manifest.json").write_text(json.dumps(man, sort_keys=True, indent=1))
 
 
-def synthetic_dataset(n_images: int = 64, seed: int = 0, size: int = 128, split: str = "val", n_objects=(1, 3),
-                      overlap: str = "none", root=None, progress: bool | None = None, **kw) -> Path:
+def synthetic_dataset(
+    n_images: int = 64,
+    seed: int = 0,
+    size: int = 128,
+    split: str = "val",
+    n_objects=(1, 3),
+    overlap: str = "none",
+    root=None,
+    progress: bool | None = None,
+    **kw,
+) -> Path:
     """A cached dataset: ``data/generated/synthetic-<split>-<hash of the parameters>`` (or ``root``).
 
     Generated only when missing or when its ``manifest.json`` does not match the parameters (which
@@ -613,8 +679,10 @@ def synthetic_dataset(n_images: int = 64, seed: int = 0, size: int = 128, split:
     if _manifest_matches(root, split, params):
         return root
     if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / "manifest.json").is_file())):
-        raise ValueError(f"root {root} exists and is not a synthetic dataset (no manifest.json): "
-                         "refusing to overwrite it; pass an empty or new folder")
+        raise ValueError(
+            f"root {root} exists and is not a synthetic dataset (no manifest.json): "
+            "refusing to overwrite it; pass an empty or new folder"
+        )
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:

@@ -1,0 +1,62 @@
+"""The synthetic world's splits as the analyses and trainers use them: one loader per form (COCO on disk,
+tensors with semantic masks, captions), all rendering the same seeded scenes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nbsupport.data.synthetic import OBJECT_SCALE
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _val_scenes(size: int, n_images: int, seed: int):
+    """The synthetic validation scenes (cached on disk) as :class:`nbsupport.data.CocoInstances`."""
+    from nbsupport.data.coco import CocoInstances
+    from nbsupport.data.synthetic import synthetic_dataset
+
+    return CocoInstances(synthetic_dataset(n_images=n_images, seed=seed, size=size, split="val") / "instances_val.json")
+
+
+def synthetic_captions(
+    n_images: int, seed: int = 0, size: int = 64, split: str = "train", n_objects=(1, 3), scale=OBJECT_SCALE
+) -> Path:
+    """The cached synthetic world split (``captions_<split>.json`` path; images under ``images/``);
+    ``scale``: object diameters as fractions of the image side (:func:`nbsupport.data.synthetic.render_scene`)."""
+    from nbsupport.data.synthetic import synthetic_dataset
+
+    scale = tuple(float(x) for x in scale)
+    kw = {} if scale == OBJECT_SCALE else {"scale": scale}  # the default keeps the plain world's cache key
+    return (
+        synthetic_dataset(n_images=n_images, seed=seed, size=size, split=split, n_objects=tuple(n_objects), **kw)
+        / f"captions_{split}.json"
+    )
+
+
+# ============================================================================================== validation
+def synthetic_class_names(kind: str = "name"):
+    """Object class names of the synthetic world (``"name"``: "striped triangle", ``"noun"``: "triangle")
+    and its background names (scored as extra classes that map to background 0)."""
+    from nbsupport.data.synthetic import BACKGROUNDS, CLASSES
+
+    if kind not in ("name", "noun"):
+        raise ValueError(f"class name kind must be 'name' or 'noun', got {kind!r}")
+    return [c.name if kind == "name" else c.noun for c in CLASSES], list(BACKGROUNDS)
+
+
+def synthetic_scenes(n_images: int, seed: int = 0, size: int = 64, split: str = "val"):
+    """``(images [n, 3, size, size] normalised, semantic [n, size, size] int64)`` of the synthetic split's
+    first ``n_images`` scenes (the same scenes ``synthetic_dataset(split=...)`` writes)."""
+    from nbsupport.data.images import image_to_tensor
+    from nbsupport.data.synthetic import render_scene, scene_rng
+
+    scenes = [render_scene(scene_rng(seed, split, i), size=size) for i in range(n_images)]
+    return (
+        torch.stack([image_to_tensor(s.image) for s in scenes]),
+        torch.from_numpy(np.stack([s.semantic for s in scenes]).astype(np.int64)),
+    )

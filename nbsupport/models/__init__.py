@@ -1,0 +1,1 @@
+"""Models: ViT backbones (DINO and others), the feature extractor, GroupViT, checkpoint reading."""

@@ -1,0 +1,352 @@
+"""ViT backbones: official DINO checkpoints, local files, and offline seeded random-init models.
+
+Every backbone is a timm ``VisionTransformer`` (so timm's code runs the forward pass) in eval mode,
+carrying ``model.nbs_info`` (name, patch size, width, heads, depth, whether it learned anything, and
+a one-line description that figure titles must include). Thesis section 3.2 (DINO) and 1.2 (MaskCut's
+DINO ViT-B/8 backbone).
+
+Weights are read with ``torch.load(weights_only=True)`` or safetensors: no pickle code is executed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.error
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nbsupport.core import paths
+from nbsupport.models.checkpoints import CheckpointError, WeightsUnavailableError, _sha256
+
+DINO_URL = "https://dl.fbaipublicfiles.com/dino/"
+
+
+@dataclass(frozen=True)
+class Arch:
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    img_size: int = 224
+    mlp_ratio: float = 4.0
+
+
+@dataclass(frozen=True)
+class Official:
+    """An official checkpoint: where it lives and what it must look like."""
+
+    arch: Arch
+    file: str
+    size: int | None  # bytes, where measured; None = not verified by size
+    sha256: str | None = None  # pinned when known; else pinned on first download (sidecar file)
+
+    @property
+    def url(self) -> str:
+        return DINO_URL + self.file
+
+
+VIT_S = dict(embed_dim=384, depth=12, num_heads=6)
+
+
+VIT_B = dict(embed_dim=768, depth=12, num_heads=12)
+
+
+OFFICIAL: dict[str, Official] = {
+    "dino_vits16": Official(Arch(16, **VIT_S), "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth", None),
+    "dino_vits8": Official(Arch(8, **VIT_S), "dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth", 86_728_949),
+    "dino_vitb16": Official(Arch(16, **VIT_B), "dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth", None),
+    "dino_vitb8": Official(Arch(8, **VIT_B), "dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth", None),
+}
+
+
+# Offline random-init models: (architecture, seed). They learned nothing: they give the floor.
+RANDOM: dict[str, tuple[Arch, int]] = {
+    "random_vits8": (Arch(8, **VIT_S), 0),
+    "random_vits16": (Arch(16, **VIT_S), 0),
+    "random_vitb8": (Arch(8, **VIT_B), 0),
+    "random_tiny8": (Arch(8, embed_dim=96, depth=4, num_heads=3, img_size=64), 0),
+}
+
+
+# Backbones the project trains itself and ships in data/weights/ (see the offline-DINO issue).
+SHIPPED: dict[str, str] = {
+    "tiny_dino_synth": "weights/tiny_dino_synth.safetensors",
+}
+
+
+def available() -> list[str]:
+    """All registered backbone names."""
+    return sorted([*OFFICIAL, *RANDOM, *SHIPPED])
+
+
+def build(arch: Arch) -> nn.Module:
+    """A timm VisionTransformer with DINO's settings (qkv bias, LayerNorm eps 1e-6, no head)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        img_size=arch.img_size,
+        patch_size=arch.patch_size,
+        embed_dim=arch.embed_dim,
+        depth=arch.depth,
+        num_heads=arch.num_heads,
+        mlp_ratio=arch.mlp_ratio,
+        qkv_bias=True,
+        num_classes=0,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        dynamic_img_size=True,
+    )
+
+
+def _attach(model: nn.Module, name: str, arch: Arch, pretrained: bool, description: str, device) -> nn.Module:
+    model.nbs_info = {
+        "name": name,
+        "patch_size": arch.patch_size,
+        "embed_dim": arch.embed_dim,
+        "num_heads": arch.num_heads,
+        "depth": arch.depth,
+        "img_size": arch.img_size,
+        "pretrained": pretrained,
+        "description": description,
+    }
+    return model.to(device).eval()
+
+
+def _arch_name(arch: Arch) -> str:
+    size = {384: "S", 768: "B", 192: "Ti"}.get(arch.embed_dim, f"{arch.depth}x{arch.embed_dim}")
+    return f"ViT-{size}/{arch.patch_size}"
+
+
+def describe(model: nn.Module) -> str:
+    """One line for figure titles, e.g. ``"random-init ViT-S/8 (seed 0)"`` or ``"DINO ViT-S/8"``."""
+    info = getattr(model, "nbs_info", None)
+    return info["description"] if info else type(model).__name__
+
+
+def expected_path(name: str) -> Path:
+    """Where the cached official checkpoint ``name`` lives (or must be put by hand when offline)."""
+    return paths.cache_dir() / "dino" / Path(OFFICIAL[name].file).name
+
+
+def _verify(name: str, path: Path) -> None:
+    """Size check (when measured) and hash check: pinned hash, or the one recorded at first download."""
+    off = OFFICIAL[name]
+    size = path.stat().st_size
+    if off.size is not None and size != off.size:
+        raise CheckpointError(
+            f"{path} has {size} bytes but {name} must have {off.size}: the file is truncated or not "
+            f"{off.url}. Delete it and download again."
+        )
+    pinned = off.sha256
+    sidecar = path.with_name(path.name + ".sha256")
+    if pinned is None and sidecar.is_file():
+        pinned = sidecar.read_text().strip()
+    if pinned is not None:
+        got = _sha256(path)
+        if got != pinned:
+            raise CheckpointError(
+                f"{path}: sha256 {got[:12]}... differs from the recorded {pinned[:12]}...; "
+                "the file changed since it was downloaded. Delete it and download again."
+            )
+
+
+def fetch(name: str, download: bool = True, progress: bool = True) -> Path:
+    """The local path of official checkpoint ``name``, downloading it once into the cache.
+
+    Offline and not cached: raises :class:`WeightsUnavailableError` naming the URL and the path to put
+    the file at.
+    """
+    off = OFFICIAL[name]
+    dst = expected_path(name)
+    if not dst.is_file():
+        if not download or os.environ.get("NBSUPPORT_OFFLINE") == "1":
+            raise WeightsUnavailableError(_missing_message(name, dst))
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # torch.hub writes to a temporary file and renames it: no half file is left behind.
+            torch.hub.download_url_to_file(off.url, str(dst), progress=progress)
+        except (urllib.error.URLError, OSError, RuntimeError) as e:
+            raise WeightsUnavailableError(_missing_message(name, dst) + f"\n(download failed: {e})") from e
+        _verify(name, dst)
+        if off.sha256 is None:
+            dst.with_name(dst.name + ".sha256").write_text(_sha256(dst) + "\n")
+        return dst
+    _verify(name, dst)
+    return dst
+
+
+def _missing_message(name: str, dst: Path) -> str:
+    return (
+        f"Weights for {name!r} are not available offline. Download\n  {OFFICIAL[name].url}\n"
+        f"and put the file at\n  {dst}\n(or set NBSUPPORT_CACHE to a folder holding dino/{dst.name}, "
+        f"or pass the file's path to backbones.load). Offline alternatives: "
+        f"{', '.join(sorted(RANDOM))}."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading checkpoints
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors of a ``.pth``/``.pt`` (``weights_only=True``) or ``.safetensors`` file, unwrapped to the
+    ViT's own keys, plus the safetensors metadata ({} for .pth).
+
+    Accepts the official backbone-only files, DINO's full training checkpoints (``teacher`` with
+    ``module.backbone.`` prefixes) and ``{"model"|"state_dict": ...}`` wrappers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    meta: dict[str, str] = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            sd = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - report which file is bad
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(
+                f"{path} could not be read with torch.load(weights_only=True): {e}. Only plain tensor "
+                "checkpoints are accepted (no pickled objects); convert it to .safetensors."
+            ) from e
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path} holds a {type(sd).__name__}, not a dict of tensors")
+    for key in ("teacher", "model", "state_dict"):
+        if key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+            break
+    out = {}
+    for k, v in sd.items():
+        if not torch.is_tensor(v):
+            continue
+        k = re.sub(r"^(module\.)?(backbone\.)?", "", k)
+        if k.startswith("head.") or k.startswith("fc_norm."):
+            continue  # DINO projection head / classifier: not part of the backbone
+        out[k] = v
+    return out, meta
+
+
+def infer_arch(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> Arch:
+    """Architecture from tensor shapes: patch size and width from ``patch_embed.proj.weight``, depth from
+    the block count, image size from ``pos_embed``, MLP ratio from ``fc1``. Heads cannot be seen in the
+    shapes: taken from the metadata when present, else width // 64 (DINO's S and B use 64-d heads)."""
+    meta = meta or {}
+    try:
+        w = sd["patch_embed.proj.weight"]
+        pos = sd["pos_embed"]
+    except KeyError as e:
+        raise CheckpointError(
+            f"not a ViT checkpoint: key {e.args[0]!r} missing (found e.g. {sorted(sd)[:5]})"
+        ) from None
+    dim, patch = int(w.shape[0]), int(w.shape[-1])
+    depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    if depth == 0:
+        raise CheckpointError("not a ViT checkpoint: no 'blocks.N.' keys")
+    n_patches = int(pos.shape[1]) - 1
+    side = int(round(n_patches**0.5))
+    if side * side != n_patches:
+        raise CheckpointError(f"pos_embed has {n_patches} patch positions, not a square grid")
+    heads = int(meta["num_heads"]) if "num_heads" in meta else max(1, dim // 64)
+    if dim % heads:
+        raise CheckpointError(
+            f"width {dim} is not divisible by {heads} heads; store 'num_heads' in the safetensors metadata"
+        )
+    hidden = int(sd["blocks.0.mlp.fc1.weight"].shape[0]) if "blocks.0.mlp.fc1.weight" in sd else 4 * dim
+    return Arch(patch, dim, depth, heads, img_size=side * patch, mlp_ratio=hidden / dim)
+
+
+def load_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with an error that lists what is missing or unexpected."""
+    res = model.load_state_dict(sd, strict=False)
+    if res.missing_keys or res.unexpected_keys:
+        raise CheckpointError(
+            f"{source} does not match the ViT layout: missing {res.missing_keys[:8]}"
+            f"{'...' if len(res.missing_keys) > 8 else ''}, unexpected {res.unexpected_keys[:8]}"
+            f"{'...' if len(res.unexpected_keys) > 8 else ''}"
+        )
+
+
+def save_safetensors(model: nn.Module, path: str | Path, **metadata: str) -> Path:
+    """Write a backbone as safetensors with its architecture in the metadata (so heads are known)."""
+    from safetensors.torch import save_file
+
+    info = getattr(model, "nbs_info", {})
+    meta = {"num_heads": str(info.get("num_heads", model.blocks[0].attn.num_heads)), "format": "nbsupport-vit"}
+    meta.update({k: str(v) for k, v in metadata.items()})
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata=meta)
+    return path
+
+
+def load(name_or_path: str | Path, device: str | torch.device = "cpu", download: bool = True) -> nn.Module:
+    """A ViT backbone in eval mode: a registered name (see :func:`available`) or a checkpoint path.
+
+    - ``dino_vits16``, ``dino_vits8``, ``dino_vitb16``, ``dino_vitb8``: official DINO weights, downloaded
+      once into ``$NBSUPPORT_CACHE/dino`` (default ``~/.cache/nbsupport``), size/hash checked.
+    - ``random_vits8``, ``random_vits16``, ``random_vitb8``, ``random_tiny8``: seeded random init, offline.
+    - ``tiny_dino_synth``: the small DINO trained on the synthetic world, shipped in ``data/weights``.
+    - a path to an official ``.pth`` or a ``.safetensors`` file: architecture inferred from the shapes.
+    """
+    name = str(name_or_path)
+    if name in RANDOM:
+        arch, seed = RANDOM[name]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build(arch)
+        return _attach(model, name, arch, False, f"random-init {_arch_name(arch)} (seed {seed})", device)
+    if name in OFFICIAL:
+        path = fetch(name, download=download)
+        sd, _ = read_state_dict(path)
+        arch = OFFICIAL[name].arch
+        model = build(arch)
+        load_state(model, sd, str(path))
+        return _attach(model, name, arch, True, f"DINO {_arch_name(arch)}", device)
+    if name in SHIPPED:
+        path = paths.data_dir() / SHIPPED[name]
+        if not path.is_file():
+            raise WeightsUnavailableError(
+                f"{name!r} is the tiny DINO trained on the synthetic world, shipped in the repository as "
+                f"{path}, and that file is missing: restore it (git checkout -- data/weights) or retrain it "
+                f"(README, 'Tiny DINO'). Use 'random_vits8' offline or an official DINO name meanwhile."
+            )
+        return _load_path(path, device, name=name, label="tiny DINO (synthetic world)")
+    p = Path(name).expanduser()
+    if p.suffix in (".pth", ".pt", ".safetensors") or p.exists():
+        return _load_path(p, device)
+    raise ValueError(f"unknown backbone {name!r}: use one of {available()} or a path to a .pth/.safetensors file")
+
+
+def _load_path(path: Path, device, name: str | None = None, label: str | None = None) -> nn.Module:
+    sd, meta = read_state_dict(path)
+    arch = infer_arch(sd, meta)
+    model = build(arch)
+    load_state(model, sd, str(path))
+    desc = f"{label or meta.get('description') or path.name} {_arch_name(arch)}"
+    return _attach(model, name or str(path), arch, True, desc, device)
+
+
+def random_like(model: nn.Module, seed: int = 0, device=None) -> nn.Module:
+    """A seeded random-init ViT with ``model``'s architecture: the floor a learned backbone must beat."""
+    info = model.nbs_info
+    arch = Arch(info["patch_size"], info["embed_dim"], info["depth"], info["num_heads"], info.get("img_size", 224))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        floor = build(arch)
+    device = device or next(model.parameters()).device
+    return _attach(
+        floor, f"random_like:{info['name']}", arch, False, f"random-init {_arch_name(arch)} (seed {seed})", device
+    )

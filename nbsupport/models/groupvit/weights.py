@@ -1,0 +1,270 @@
+"""GroupViT weights: official NVlabs releases (downloaded once into the cache), HF transformers files
+(renamed to the official layout), shipped offline models, seeded random inits.
+"""
+
+from __future__ import annotations
+
+import math
+import re as _re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from nbsupport.core import paths
+from nbsupport.models.checkpoints import WeightsUnavailableError, read_checkpoint
+from nbsupport.models.groupvit.model import CONFIGS, Config, GroupViT, build, interpolate_pos_embed
+
+URLS = {
+    "group_vit_gcc_yfcc_30e": "https://github.com/xvjiarui/GroupViT/releases/download/v1.0.0/"
+    "group_vit_gcc_yfcc_30e-879422e0.pth",
+    "group_vit_gcc_redcap_30e": "https://github.com/xvjiarui/GroupViT/releases/download/v1.0.0/"
+    "group_vit_gcc_redcap_30e-3dd09a76.pth",
+}
+
+
+#: Small weights shipped in ``data/weights/`` (name -> file, command that retrains them; nbsupport.grouptrain).
+SHIPPED = {
+    "tiny_groupvit_synth": (
+        "tiny_groupvit_synth.safetensors",
+        "python -m nbsupport groupvit-train --recipe tiny_groupvit_synth (see README, 'Tiny offline GroupViT')",
+    )
+}
+
+
+HF_REPOS = {
+    "nvidia/groupvit-gcc-yfcc": "group_vit_gcc_yfcc_30e",
+    "nvidia/groupvit-gcc-redcaps": "group_vit_gcc_redcap_30e",
+}
+
+
+def hf_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an HF transformers ``GroupViTModel`` state dict (``nvidia/groupvit-gcc-yfcc``) to the official
+    layout this module uses: q/k/v merged back into ``qkv`` / ``in_proj``, Linear projectors to 1x1 convs."""
+    out, qkv = {}, {}
+    vis_rules = [
+        (r"^vision_model\.embeddings\.patch_embeddings\.projection\.", "img_encoder.patch_embed.proj."),
+        (r"^vision_model\.embeddings\.layernorm\.", "img_encoder.patch_embed.norm."),
+        (r"^vision_model\.embeddings\.position_embeddings$", "img_encoder.pos_embed"),
+        (r"^vision_model\.layernorm\.", "img_encoder.norm."),
+        (r"^vision_model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.", r"img_encoder.layers.\1.blocks.\2."),
+        (r"^vision_model\.encoder\.stages\.(\d+)\.", r"img_encoder.layers.\1."),
+        (r"^text_model\.embeddings\.token_embedding\.", "text_encoder.token_embedding."),
+        (r"^text_model\.embeddings\.position_embedding\.weight$", "text_encoder.positional_embedding"),
+        (r"^text_model\.encoder\.layers\.(\d+)\.", r"text_encoder.transformer.resblocks.\1."),
+        (r"^text_model\.final_layer_norm\.", "text_encoder.ln_final."),
+        (r"^visual_projection\.[01]\.", None),
+        (r"^text_projection\.[01]\.", None),
+    ]
+    for k, v in sd.items():
+        if k.endswith("position_ids"):
+            continue
+        m = _re.match(r"^(visual|text)_projection\.(\d)\.(.+)$", k)
+        if m:
+            side = "img_projector" if m.group(1) == "visual" else "text_projector"
+            idx, rest = int(m.group(2)), m.group(3)
+            if idx == 0:
+                out[f"{side}.linear_hidden.0.{rest}"] = v[..., None] if rest == "weight" else v
+            elif idx == 1:
+                out[f"{side}.linear_hidden.1.{rest}"] = v
+            elif idx == 3:
+                out[f"{side}.linear_out.{rest}"] = v[..., None] if rest == "weight" else v
+            continue
+        new = k
+        for pat, rep in vis_rules:
+            if rep is not None and _re.search(pat, new):
+                new = _re.sub(pat, rep, new)
+                break
+        text = new.startswith("text_encoder.transformer")
+        if new.startswith("img_encoder.layers") and ".blocks." in new:
+            new = (
+                new.replace(".layer_norm1.", ".norm1.")
+                .replace(".layer_norm2.", ".norm2.")
+                .replace(".self_attn.out_proj.", ".attn.proj.")
+            )
+        elif text:
+            new = (
+                new.replace(".layer_norm1.", ".ln_1.")
+                .replace(".layer_norm2.", ".ln_2.")
+                .replace(".mlp.fc1.", ".mlp.c_fc.")
+                .replace(".mlp.fc2.", ".mlp.c_proj.")
+                .replace(".self_attn.out_proj.", ".attn.out_proj.")
+            )
+        new = new.replace(".pre_assign_attn.attn.out_proj.", ".pre_assign_attn.attn.proj.")
+        m = _re.match(r"^(.*)\.self_attn\.([qkv])_proj\.(weight|bias)$", new)
+        if m:
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = v
+            continue
+        out[new] = v
+    for (prefix, kind), parts in qkv.items():
+        fused = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
+        if prefix.startswith("text_encoder"):
+            out[f"{prefix}.attn.in_proj_{kind}"] = fused
+        else:
+            out[f"{prefix}.attn.qkv.{kind}"] = fused
+    if "logit_scale" in out:
+        out.setdefault("multi_label_logit_scale", out["logit_scale"].clone())
+    return out
+
+
+def _extract_state(obj) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    elif isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    sd = {k.removeprefix("module."): v for k, v in obj.items() if torch.is_tensor(v)}
+    if any(k.startswith(("vision_model.", "text_model.")) for k in sd):
+        sd = hf_to_official(sd)
+    return sd
+
+
+def infer_config(sd: dict[str, torch.Tensor]) -> Config:
+    """The architecture a state dict (official layout) was trained with, read from tensor shapes."""
+    emb = sd["img_encoder.patch_embed.proj.weight"]
+    dim, patch = emb.shape[0], emb.shape[-1]
+    n_stages = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("img_encoder.layers."))
+    depths = tuple(
+        1 + max([int(k.split(".")[4]) for k in sd if k.startswith(f"img_encoder.layers.{i}.blocks.")], default=-1)
+        for i in range(n_stages)
+    )
+    groups = tuple(
+        sd[f"img_encoder.layers.{i}.group_token"].shape[1] if f"img_encoder.layers.{i}.group_token" in sd else 0
+        for i in range(n_stages)
+    )
+    outs = tuple(sd[f"img_encoder.layers.{i}.downsample.mlp_inter.fc2.weight"].shape[0] for i in range(n_stages - 1))
+    tw = sd["text_encoder.positional_embedding"].shape[1]
+    tl = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("text_encoder.transformer.resblocks."))
+    # head counts are not visible in weight shapes: take them from a named config of the same shape, else
+    # the ViT / CLIP convention of 64 channels per head
+    known = [
+        c
+        for c in CONFIGS.values()
+        if (c.embed_dim, c.depths, c.num_group_tokens, c.text_width) == (dim, depths, groups, tw)
+    ]
+    heads = known[0].num_heads if known else max(1, dim // 64)
+    theads = known[0].text_heads if known else max(1, tw // 64)
+    return Config(
+        img_size=int(round(math.sqrt(sd["img_encoder.pos_embed"].shape[1]))) * patch,
+        patch_size=patch,
+        embed_dim=dim,
+        depths=depths,
+        num_heads=heads,
+        num_group_tokens=groups,
+        num_output_groups=outs,
+        text_width=tw,
+        text_layers=tl,
+        text_heads=theads,
+        context_length=sd["text_encoder.positional_embedding"].shape[0],
+        vocab_size=sd["text_encoder.token_embedding.weight"].shape[0],
+        proj_inner=sd["img_projector.linear_hidden.0.weight"].shape[0],
+        proj_dim=sd["img_projector.linear_out.weight"].shape[0],
+    )
+
+
+def from_state_dict(
+    sd: dict[str, torch.Tensor], cfg: Config | None = None, img_size: int | None = None, source: str = "state dict"
+) -> GroupViT:
+    """A GroupViT holding ``sd`` (official or HF layout). ``img_size`` resizes the position embedding
+    permanently (bicubic), e.g. 384 for the thesis's high-resolution fine-tuning."""
+    sd = _extract_state(sd)
+    cfg = cfg or infer_config(sd)
+    if img_size and img_size != cfg.img_size:
+        g = img_size // cfg.patch_size
+        sd = dict(sd, **{"img_encoder.pos_embed": interpolate_pos_embed(sd["img_encoder.pos_embed"], (g, g))})
+        cfg = replace(cfg, img_size=img_size)
+    model = GroupViT(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("multi_label_logit_scale")]
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: weights do not fit GroupViT {cfg}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model.eval()
+
+
+def weights_path(name: str) -> Path:
+    """Where an official checkpoint is cached: ``cache_dir()/groupvit/<file name of the release>``."""
+    return paths.cache_dir() / "groupvit" / URLS[name].rsplit("/", 1)[1]
+
+
+def load(
+    name_or_path: str | Path = "small",
+    device: str | torch.device = "cpu",
+    img_size: int | None = None,
+    download: bool = True,
+    seed: int = 0,
+) -> GroupViT:
+    """A GroupViT in eval mode.
+
+    - ``"small"`` / ``"random:<config>"``: seeded random init (offline; figure titles say so);
+    - ``"group_vit_gcc_yfcc_30e"`` / ``"group_vit_gcc_redcap_30e"``: official release, downloaded once into
+      ``cache_dir()/groupvit`` and read by :func:`read_checkpoint` (no code from the file runs);
+    - ``"nvidia/groupvit-gcc-yfcc"``: HF hub weights through ``huggingface_hub`` (if installed), renamed;
+    - a path to a ``.pth``/``.pt`` (official or HF layout, maybe nested under ``model``) or ``.safetensors``.
+    """
+    name = str(name_or_path)
+    if name in CONFIGS and name not in URLS or name.startswith("random:"):
+        return build(name.removeprefix("random:"), seed).to(device)
+    if name in URLS:
+        path = weights_path(name)
+        if not path.exists():
+            msg = (
+                f"GroupViT weights {name!r} are not available offline. Download\n  {URLS[name]}\n"
+                f"and put the file at\n  {path}\n(or set NBSUPPORT_CACHE to a folder holding "
+                f"groupvit/{path.name}, or pass the file's path to groupvit.load). Offline alternative: "
+                f"'random:small'."
+            )
+            if not download:
+                raise WeightsUnavailableError(msg)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:  # torch.hub writes a temporary file and renames it: no half file is left behind
+                torch.hub.download_url_to_file(URLS[name], str(path), progress=True)
+            except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError
+                raise WeightsUnavailableError(msg + f"\n(download failed: {e})") from e
+        model = from_state_dict(read_checkpoint(path), CONFIGS[name], img_size, source=str(path))
+        model.nbs_info = {"name": name, "pretrained": True, "description": f"GroupViT {name}"}
+        return model.to(device)
+    if name in HF_REPOS:
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError as e:
+            raise ImportError("loading from the HF hub needs huggingface_hub; or pass a local file") from e
+        try:
+            path = Path(hf_hub_download(name, "model.safetensors", cache_dir=paths.cache_dir() / "groupvit"))
+        except Exception:
+            path = Path(hf_hub_download(name, "pytorch_model.bin", cache_dir=paths.cache_dir() / "groupvit"))
+        model = _load_file(path, img_size)
+        model.nbs_info = {"name": name, "pretrained": True, "description": f"GroupViT {name} (HF)"}
+        return model.to(device)
+    if name in SHIPPED:  # tiny offline models trained by nbsupport.grouptrain (see SHIPPED)
+        path = paths.data_dir() / "weights" / SHIPPED[name][0]
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{name!r}: shipped weights {path} are missing; retrain them with {SHIPPED[name][1]}"
+            )
+        model = _load_file(path, img_size)
+        model.nbs_info = {
+            "name": name,
+            "pretrained": True,
+            "description": f"{name} (tiny GroupViT trained on the synthetic world)",
+        }
+        return model.to(device)
+    path = Path(name)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{name!r} is neither a file nor a known GroupViT: "
+            f"{sorted(CONFIGS)} + {sorted(HF_REPOS)} or random:<config>"
+        )
+    model = _load_file(path, img_size)
+    model.nbs_info = {"name": path.name, "pretrained": True, "description": f"GroupViT ({path.name})"}
+    return model.to(device)
+
+
+def _load_file(path: Path, img_size):
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj = load_file(str(path))
+    else:
+        obj = read_checkpoint(path)
+    return from_state_dict(obj, None, img_size, source=str(path))

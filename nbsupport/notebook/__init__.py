@@ -1,0 +1,1 @@
+"""Notebook support: the papermill runner and its profiles, plotting helpers."""

@@ -1,0 +1,1 @@
+"""Trainers on one shared infrastructure (common.py): DINO, CutLER, GroupViT."""

@@ -1,0 +1,86 @@
+"""CutLER on torchvision: a class-agnostic Mask R-CNN trained on MaskCut pseudo-masks (thesis 1.2, 3.3, 5;
+Tables 1-2).
+
+The reference (facebookresearch/CutLER, a detectron2 fork) is rebuilt on ``torchvision.models.detection``:
+
+* :func:`build_model` - Mask R-CNN R50-FPN (v1 or v2) with the reference settings: one foreground class,
+  test score threshold 0, 100 detections, RPN post-NMS top-k 4000 (train) and NMS 0.65, multi-scale
+  training short side, all backbone layers trainable, BatchNorm trained (SyncBN only with > 1 process).
+  torchvision has no Cascade head, so there is none here (COCO AP50 21.1 vs 21.9 in the CutLER paper).
+* :class:`DropLossRoIHeads` - DropLoss: the classification loss of a sampled RoI counts only when its
+  *predicted* box has max IoU > 0.01 with some pseudo ground-truth box; mean over all RoIs, not
+  renormalised; box and mask losses unchanged. ``drop_loss=False`` gives torchvision's loss exactly.
+* :func:`copy_paste` - donor = the reversed batch, 1..n-1 donor instances, donor rescaled by U(0.3, 1),
+  placed at a random offset; occluded target masks lose the pasted pixels, fully hidden ones are dropped,
+  boxes recomputed from masks. Runs on the tensors' device (GPU in training).
+* :class:`PseudoMaskDataset` - COCO-format pseudo-masks (MaskCut JSON) with bad-input handling.
+* training engine, prediction, self-training and the thesis experiment sets / evaluation splits live in
+  :mod:`nbsupport.cutler_engine` and are re-exported here.
+
+Images are float ``[3, H, W]`` in 0..1 (the model normalises); targets are dicts with ``boxes`` float
+``[N, 4]`` (x0, y0, x1, y1, pixel-edge convention), ``labels`` int64 ``[N]`` (all 1), ``masks`` uint8
+``[N, H, W]``.
+"""
+
+from __future__ import annotations
+
+from .augment import augment_batch, copy_paste, hflip
+from .config import CONFIG_DIR, DEFAULTS, SELFTRAIN_TRAIN_KEYS, load_config
+from .data import GroupedStreamBatchSampler, PseudoMaskDataset, StreamSampler, aspect_groups, collate
+from .experiments import (
+    build_training_set,
+    evaluate,
+    evaluate_splits,
+    maskcut_filter,
+    overlap_flags,
+    selftrain_annotations,
+    split_by_overlap,
+)
+from .loop import load_trained, lr_at, read_metrics, save_atomic, train
+from .model import (
+    ARCHS,
+    REFERENCE_MIN_SIZES,
+    DropLossRoIHeads,
+    build_model,
+    droploss_fastrcnn_loss,
+    load_backbone_weights,
+    masks_to_boxes,
+    set_drop_loss,
+)
+from .predict import predict
+
+__all__ = [
+    "ARCHS",
+    "aspect_groups",
+    "augment_batch",
+    "build_model",
+    "build_training_set",
+    "collate",
+    "CONFIG_DIR",
+    "copy_paste",
+    "DEFAULTS",
+    "droploss_fastrcnn_loss",
+    "DropLossRoIHeads",
+    "evaluate",
+    "evaluate_splits",
+    "GroupedStreamBatchSampler",
+    "hflip",
+    "load_backbone_weights",
+    "load_config",
+    "load_trained",
+    "lr_at",
+    "maskcut_filter",
+    "masks_to_boxes",
+    "overlap_flags",
+    "predict",
+    "PseudoMaskDataset",
+    "read_metrics",
+    "REFERENCE_MIN_SIZES",
+    "save_atomic",
+    "selftrain_annotations",
+    "SELFTRAIN_TRAIN_KEYS",
+    "set_drop_loss",
+    "split_by_overlap",
+    "StreamSampler",
+    "train",
+]

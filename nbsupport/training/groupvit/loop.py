@@ -1,0 +1,440 @@
+"""The GroupViT training loop: labels from captions, every loss of the run, AdamW with warm-up and cosine,
+AMP, torchrun DDP with all-gathered embeddings, atomic checkpoints and resume, per-epoch validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nbsupport.analysis.zero_shot import zero_shot_miou
+from nbsupport.data import caption_labels as textmod
+from nbsupport.data.captions import CaptionImages, _collate
+from nbsupport.data.scenes import synthetic_captions, synthetic_class_names, synthetic_scenes
+from nbsupport.models import groupvit as gv
+from nbsupport.training.groupvit.components import init_image_encoder, init_like, set_trainable
+from nbsupport.training.groupvit.config import TrainConfig
+from nbsupport.training.groupvit.losses import (
+    affinity_logits,
+    dino_distillation_loss,
+    dino_similarity,
+    ge_loss,
+    group_balance_loss,
+    group_label_contrastive,
+    image_text_contrastive,
+    le_loss,
+    multi_label_contrastive,
+    se_loss,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ============================================================================================== schedule
+def lr_at(step: int, total: int, warmup: int, base: float, min_lr: float, warmup_lr: float, cycles: int = 1) -> float:
+    """Linear warm-up from ``warmup_lr`` to ``base`` over ``warmup`` steps, then cosine annealing to ``min_lr``
+    in ``cycles`` equal restarts (SGDR; the thesis anneals in 2 cycles) until ``total``."""
+    if step < warmup:
+        return warmup_lr + (base - warmup_lr) * step / max(1, warmup)
+    span = max(1, total - warmup)
+    t = min(1.0, (step - warmup) / span)
+    t = (t * cycles) % 1.0 if t < 1.0 else 1.0
+    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * t))
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 keeping gradients (``torch.distributed.nn``); identity without DDP."""
+    d = _dist()
+    if d is None or d.get_world_size() == 1:
+        return x
+    import warnings
+
+    from torch.distributed.nn.functional import all_gather  # differentiable (backward: reduce-scatter)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x.contiguous()), 0)
+
+
+def gather_objects(obj: list) -> list:
+    d = _dist()
+    if d is None or d.get_world_size() == 1:
+        return obj
+    out = [None] * d.get_world_size()
+    d.all_gather_object(out, obj)
+    return [x for part in out for x in part]
+
+
+class LabelSampler:
+    """Per-caption labels (:func:`nbsupport.text.extract_labels`) with the caption's candidate pool cached."""
+
+    def __init__(self, cfg: TrainConfig, vocabulary=None, seed: int = 0):
+        self.cfg, self.vocab = cfg, vocabulary
+        self.tagger = textmod.get_tagger(cfg.tagger)
+        self.rng = random.Random(seed)
+        self._pools: dict[str, list[str]] = {}
+
+    def __call__(self, caption: str) -> textmod.Labels:
+        pool = self._pools.get(caption)
+        if pool is None:
+            pool = self._pools[caption] = textmod.candidates(caption, self.cfg.label_kind, self.tagger)
+        return textmod.labels_from_candidates(
+            caption, pool, self.cfg.num_labels, self.cfg.pad, textmod.TEMPLATES, self.rng, self.vocab
+        )
+
+
+def compute_losses(
+    model: gv.GroupViT,
+    images: torch.Tensor,
+    captions: list[str],
+    labels: list | None,
+    cfg: TrainConfig,
+    dino: dict | None = None,
+) -> dict[str, torch.Tensor]:
+    """One forward pass and every loss of the run (weights from ``cfg``): ``{"loss", "itc", "mlc", "ge",
+    "le", "se", "dino"}`` (only the active terms). ``labels``: one :class:`nbsupport.text.Labels` per image."""
+    core = model.module if hasattr(model, "module") else model
+    tok = gv.tokenizer()
+    dev = images.device
+    L = cfg.context_length
+    out = core.encode_image(images)
+    cap = core.encode_text(tok(captions, context_length=L).to(dev))
+    img_all, cap_all = gather(out.image_embeds), gather(cap)
+    losses = {"itc": image_text_contrastive(img_all, cap_all, core.scale)}
+    lab = pad = None
+    if labels is not None and cfg.num_labels > 0:
+        b, k = len(labels), cfg.num_labels
+        pad = torch.tensor([l.pad for l in labels], dtype=torch.bool, device=dev)
+        flat = [p for l in labels for p in l.prompts]
+        real = [p for p, m in zip(flat, pad.reshape(-1).tolist()) if not m]
+        lab = torch.zeros(b * k, core.cfg.proj_dim, device=dev, dtype=out.image_embeds.dtype)
+        if real:
+            z = core.encode_text(tok(real, context_length=L).to(dev))
+            lab = lab.index_put((torch.nonzero(~pad.reshape(-1))[:, 0],), z.to(lab.dtype))
+        lab = lab.reshape(b, k, -1)
+        ml_scale = core.multi_label_logit_scale.exp().clamp(max=100)
+        strings = gather_objects([l.raw for l in labels]) if cfg.non_noisy else None
+        if cfg.w_multi_label:
+            losses["mlc"] = cfg.w_multi_label * multi_label_contrastive(
+                img_all, gather(lab), ml_scale, gather(pad), strings
+            )
+        if cfg.w_group_label:
+            losses["glc"] = cfg.w_group_label * group_label_contrastive(
+                gather(out.group_embeds), gather(lab), ml_scale, gather(pad), strings
+            )
+    if cfg.w_ge:
+        losses["ge"] = cfg.w_ge * ge_loss(out.attn)
+    if cfg.w_balance:
+        losses["balance"] = cfg.w_balance * group_balance_loss(out.soft)
+    if (cfg.w_le or cfg.w_se) and lab is not None:
+        a_st = affinity_logits(out.group_embeds, lab, core.scale)
+        if cfg.w_le:
+            losses["le"] = cfg.w_le * le_loss(out.attn, a_st, pad)
+        if cfg.w_se:
+            losses["se"] = cfg.w_se * se_loss(a_st, pad)
+    if cfg.w_dino and dino is not None:
+        from nbsupport.models import features
+
+        with torch.no_grad():
+            f = features.extract(dino["model"], images, "key", dino["layer"])  # [B, h, w, D]
+            if tuple(f.shape[1:3]) != tuple(out.grid):
+                f = F.interpolate(f.permute(0, 3, 1, 2), size=out.grid, mode="bilinear", align_corners=False).permute(
+                    0, 2, 3, 1
+                )
+            rownorm = cfg.dino_variant == "rownorm"
+            sim = dino_similarity(f, center=rownorm)
+        losses["dino"] = cfg.w_dino * dino_distillation_loss(out.attn, sim, cfg.dino_temperature, row_normalize=rownorm)
+    losses["loss"] = sum(losses.values())
+    return losses
+
+
+class _LossModule(torch.nn.Module):
+    """``forward(images, captions, labels) -> losses`` around the model, so DDP wraps the whole loss step."""
+
+    def __init__(self, model, cfg, dino):
+        super().__init__()
+        self.model, self.cfg, self.dino = model, cfg, dino
+
+    def forward(self, images, captions, labels):
+        return compute_losses(self.model, images, captions, labels, self.cfg, self.dino)
+
+
+def save_checkpoint(path, model, optimizer=None, scaler=None, **meta) -> Path:
+    """Atomic checkpoint (write ``<path>.tmp``, then ``os.replace``) holding tensors, numbers and strings only,
+    so :func:`load_checkpoint` reads it with ``weights_only=True``."""
+    core = model.module if hasattr(model, "module") else model
+    state = {
+        "model": {k: v.detach().cpu() for k, v in core.state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else {},
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        **meta,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint written by :func:`save_checkpoint` (``weights_only=True``: no code from the file runs)."""
+    return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
+def export_safetensors(model, path, description: str = "") -> Path:
+    """The model's weights as ``.safetensors`` (loadable by :func:`nbsupport.groupvit.load`)."""
+    from safetensors.torch import save_file
+
+    core = model.module if hasattr(model, "module") else model
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in core.state_dict().items()},
+        str(path),
+        metadata={"description": description} if description else None,
+    )
+    return path
+
+
+def _append_jsonl(path: Path, rec: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def read_metrics(path) -> list[dict]:
+    """Records of a run's ``metrics.jsonl``."""
+    path = Path(path)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None) -> dict:
+    """Train / fine-tune a GroupViT (see the module docstring); returns ``{"model", "out_dir", "history",
+    "val"}``. Under ``torchrun`` each process trains on its shard; rank 0 writes ``out_dir``: ``last.pt``
+    (atomic, resumed when ``cfg.resume``), ``metrics.jsonl``, ``config.json``, ``final.safetensors``."""
+    cfg.validate()
+    t0 = time.time()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    world, rank, local = (
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    dev = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    if world > 1 and _dist() is None:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        if use_cuda:
+            torch.cuda.set_device(dev)
+    main = rank == 0
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(cfg.out_dir)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+
+    # data
+    if cfg.data == "synthetic":
+        ann = synthetic_captions(
+            cfg.n_train,
+            cfg.seed,
+            cfg.image_size,
+            "train",
+            (cfg.min_objects, cfg.max_objects),
+            (cfg.min_object_scale, cfg.max_object_scale),
+        )
+        ds = CaptionImages(ann, None, cfg.image_size, preload=True, augment=cfg.augment)
+    else:
+        ds = CaptionImages(cfg.data, cfg.image_root or None, cfg.image_size, preload=False, augment=cfg.augment)
+    sampler = (
+        torch.utils.data.DistributedSampler(ds, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        if world > 1
+        else None
+    )
+    g = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=_collate,
+        num_workers=cfg.num_workers,
+        generator=g,
+    )
+    if len(loader) == 0:
+        raise ValueError(f"{len(ds)} training images < batch_size {cfg.batch_size}")
+    vocab = None
+    if cfg.min_label_count > 0:
+        freq = textmod.label_frequencies((c for cs in ds.captions for c in cs), cfg.label_kind, cfg.tagger)
+        vocab = textmod.curated_vocabulary(freq, cfg.min_label_count)
+    labeler = LabelSampler(cfg, vocab, cfg.seed + rank)
+    if main:
+        log.info("groupvit-train: tagger %s, %d images, %d steps/epoch", labeler.tagger.name, len(ds), len(loader))
+
+    # model, optimiser
+    ckpt = out_dir / "last.pt"
+    resuming = cfg.resume and ckpt.is_file()
+    model = model if model is not None else gv.load(cfg.model, seed=cfg.seed)
+    if cfg.init_image and not resuming:  # a resumed run has its own weights
+        from nbsupport.models import backbones
+
+        copied = init_image_encoder(model, backbones.load(cfg.init_image))
+        if main:
+            log.info("groupvit-train: image encoder initialised from %s (%d tensors)", cfg.init_image, len(copied))
+    model = model.to(dev).train()
+    trainable = set_trainable(model, cfg.trainable)
+    decay = [
+        p
+        for n, p in model.named_parameters()
+        if p.requires_grad and p.ndim > 1 and "token" not in n and "pos_embed" not in n
+    ]
+    no_decay = [
+        p
+        for n, p in model.named_parameters()
+        if p.requires_grad and not (p.ndim > 1 and "token" not in n and "pos_embed" not in n)
+    ]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
+    amp = cfg.amp and dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    dino = None
+    if cfg.w_dino:
+        from nbsupport.models import backbones
+
+        dino = {"model": backbones.load(cfg.dino_backbone, device=dev), "layer": cfg.dino_layer}
+    steps_per_epoch, step, start_epoch = len(loader), 0, 0
+    total = cfg.epochs * steps_per_epoch
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if resuming:
+        st = load_checkpoint(ckpt)
+        model.load_state_dict(st["model"])
+        if st.get("optimizer"):
+            opt.load_state_dict(st["optimizer"])
+        if scaler is not None and st.get("scaler"):
+            scaler.load_state_dict(st["scaler"])
+        step, start_epoch = int(st["step"]), int(st["epoch"])
+        if main:
+            log.info("groupvit-train: resumed from %s at epoch %d step %d", ckpt, start_epoch, step)
+    net = _LossModule(model, cfg, dino)
+    if world > 1:  # the forward must go through DDP for its gradient all-reduce
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[local] if use_cuda else None, find_unused_parameters=True
+        )
+    val_data = synthetic_scenes(cfg.val_images, cfg.seed, cfg.val_size) if (main and cfg.val_images) else None
+    names, bgs = synthetic_class_names(cfg.val_class_names)
+    metrics_path = out_dir / "metrics.jsonl"
+    history, val = [], None
+    stop = False
+    for epoch in range(start_epoch, cfg.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        g.manual_seed(cfg.seed + epoch)
+        model.train()
+        for images, caps in loader:
+            lr = lr_at(step, total, warm, cfg.lr, cfg.min_lr, cfg.warmup_lr, cfg.cycles)
+            for grp in opt.param_groups:
+                grp["lr"] = lr
+            captions = [labeler.rng.choice(c) for c in caps]
+            labels = [labeler(c) for c in captions] if cfg.num_labels > 0 else None
+            images = images.to(dev, non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                losses = net(images, captions, labels)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(losses["loss"]).backward()
+                scaler.unscale_(opt)
+            else:
+                losses["loss"].backward()
+            gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            step += 1
+            if main and (step % cfg.log_every == 0 or step == 1):
+                rec = {
+                    "type": "train",
+                    "epoch": epoch,
+                    "step": step,
+                    "lr": lr,
+                    "grad_norm": float(gnorm),
+                    "minutes": (time.time() - t0) / 60,
+                    **{k: float(v.detach()) for k, v in losses.items()},
+                }
+                _append_jsonl(metrics_path, rec)
+                history.append(rec)
+                if progress:
+                    progress(rec)
+            if cfg.max_minutes and (time.time() - t0) / 60 > cfg.max_minutes:
+                stop = True
+                break
+        done_epoch = epoch + (0 if stop else 1)
+        if main:
+            save_checkpoint(
+                ckpt, model, opt, scaler, epoch=done_epoch, step=step, config=json.dumps(dataclasses.asdict(cfg))
+            )
+            if val_data is not None:
+                r = zero_shot_miou(model, *val_data, names, bgs)
+                val = {
+                    "type": "val",
+                    "epoch": done_epoch,
+                    "step": step,
+                    "miou": r["miou"],
+                    "iou": r["iou"],
+                    "minutes": (time.time() - t0) / 60,
+                }
+                _append_jsonl(metrics_path, val)
+                history.append(val)
+                if progress:
+                    progress(val)
+        if stop:
+            if main:
+                log.info("groupvit-train: max_minutes %.1f reached at step %d", cfg.max_minutes, step)
+            break
+    model.eval()
+    if main:
+        export_safetensors(model, out_dir / "final.safetensors", f"groupvit-train {cfg.model} {cfg.data}")
+    return {"model": model, "out_dir": out_dir, "history": history, "val": val, "trainable": trainable}
+
+
+def beats_floors(model, cfg: TrainConfig, margin: float = 5.0, n_images: int = 200) -> tuple[bool, str]:
+    """Whether ``model``'s zero-shot mIoU on ``n_images`` synthetic validation scenes beats a random init of the
+    same architecture (seeds 0-2) and the all-background prediction by ``margin`` points; and the numbers."""
+    from nbsupport.analysis import metrics
+
+    imgs, sem = synthetic_scenes(n_images, 0, cfg.val_size)
+    names, bgs = synthetic_class_names(cfg.val_class_names)
+    core = model.module if hasattr(model, "module") else model
+    trained = zero_shot_miou(core, imgs, sem, names, bgs)["miou"]
+    rand = max(zero_shot_miou(init_like(core, s), imgs, sem, names, bgs)["miou"] for s in range(3))
+    bg = metrics.miou(metrics.confusion_matrix(np.zeros_like(sem.numpy()), sem.numpy(), len(names) + 1))
+    floor = max(rand, bg)
+    return trained > floor + margin, f"(mIoU {trained:.2f}; best random init {rand:.2f}, all-background {bg:.2f})"
