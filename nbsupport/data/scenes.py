@@ -11,16 +11,18 @@ import torch
 
 from nbsupport.data.synthetic import OBJECT_SCALE
 
-# --------------------------------------------------------------------------------------------------
-# Evaluation
 
-
-def _val_scenes(size: int, n_images: int, seed: int):
-    """The synthetic validation scenes (cached on disk) as :class:`nbsupport.data.CocoInstances`."""
+def synthetic_coco(n_images: int = 64, seed: int = 0, size: int = 128, split: str = "val", **world):
+    """A split of the synthetic world as :class:`~nbsupport.data.CocoInstances` (PNG + COCO JSON, generated
+    once into ``data/generated/`` and cached): the one way analyses, notebooks and benchmarks load scenes
+    with ground truth. ``world``: :func:`~nbsupport.data.synthetic.make_dataset` options (``n_objects``,
+    ``overlap``, ``scale``). Scene ``i`` is rendered from ``scene_rng(seed, split, i)``, so every form below
+    shows the same scenes."""
     from nbsupport.data.coco import CocoInstances
     from nbsupport.data.synthetic import synthetic_dataset
 
-    return CocoInstances(synthetic_dataset(n_images=n_images, seed=seed, size=size, split="val") / "instances_val.json")
+    root = synthetic_dataset(n_images=n_images, seed=seed, size=size, split=split, **world)
+    return CocoInstances(root / f"instances_{split}.json")
 
 
 def synthetic_captions(
@@ -38,7 +40,6 @@ def synthetic_captions(
     )
 
 
-# ============================================================================================== validation
 def synthetic_class_names(kind: str = "name"):
     """Object class names of the synthetic world (``"name"``: "striped triangle", ``"noun"``: "triangle")
     and its background names (scored as extra classes that map to background 0)."""

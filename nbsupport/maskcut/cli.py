@@ -10,12 +10,11 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from nbsupport.maskcut.coco import coco_annotations, coco_json, merge
-from nbsupport.maskcut.cut import maskcut, resolve_tau
-from nbsupport.maskcut.refine import pixel_masks
+from nbsupport.maskcut.cut import resolve_tau
+from nbsupport.maskcut.pipeline import image_masks
 
 # --------------------------------------------------------------------------------------------------
 # Command line: python -m nbsupport maskcut / maskcut-merge
@@ -55,9 +54,8 @@ def _read_partial(path: Path, repair: bool = False) -> dict[str, dict]:
 
 
 def run_cli(args) -> int:
-    from nbsupport.data.images import ImageLoadError, image_to_tensor, load_image
+    from nbsupport.data.images import ImageLoadError, load_image
     from nbsupport.models.backbones import load
-    from nbsupport.models.features import extract
 
     items = _list_inputs(args.images)
     shard_i, shard_n = 0, 1
@@ -90,28 +88,22 @@ def run_cli(args) -> int:
     with open(partial, "a") as fh:
         for s in range(0, len(remaining), args.batch_size):
             chunk = remaining[s : s + args.batch_size]
-            tensors, ok, records = [], [], []
+            ok, records = [], []
             for image_id, key, p in chunk:
                 try:
-                    im = load_image(p, min_size=patch)
-                    tensors.append(image_to_tensor(im, args.size))
-                    ok.append((image_id, key, p, im))
+                    ok.append((image_id, key, load_image(p, min_size=patch)))
                 except ImageLoadError as e:
                     records.append({"key": key, "image_id": image_id, "error": str(e)})
-            if tensors:
-                feats = extract(model, torch.stack(tensors).to(device), "key", -1)
-                pm = maskcut(feats, args.n_masks, tau, solver="auto").cpu().numpy()
-                for (image_id, key, _path, im), m in zip(ok, pm):
-                    resized = np.asarray(im.resize((args.size, args.size))) if args.crf else None
-                    masks = pixel_masks(m, (im.height, im.width), (args.size, args.size), resized, crf=args.crf)
-                    records.append(
-                        {
-                            "key": key,
-                            "image_id": image_id,
-                            "image": {"id": image_id, "file_name": key, "height": im.height, "width": im.width},
-                            "annotations": coco_annotations(masks, image_id),
-                        }
-                    )
+            masks = image_masks(model, [im for _, _, im in ok], args.size, args.n_masks, tau, args.crf, device)
+            for (image_id, key, im), m in zip(ok, masks):
+                records.append(
+                    {
+                        "key": key,
+                        "image_id": image_id,
+                        "image": {"id": image_id, "file_name": key, "height": im.height, "width": im.width},
+                        "annotations": coco_annotations(m, image_id),
+                    }
+                )
             for rec in sorted(records, key=lambda r: r["image_id"]):
                 fh.write(json.dumps(rec) + "\n")
                 fh.flush()

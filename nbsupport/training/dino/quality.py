@@ -8,19 +8,17 @@ import numpy as np
 import torch
 
 from nbsupport.analysis import grid_truth
-from nbsupport.data.scenes import _val_scenes
+from nbsupport.data.scenes import synthetic_coco
 
 
 def _maskcut_ap(coco, feats: torch.Tensor, size: int, tau) -> dict:
     """Class-agnostic COCO mask AP of 3 MaskCut masks per image from patch features ``[B, h, w, D]`` (one
     per ``coco.image_ids``, in order) against ``coco``'s ground truth, images ``size x size``."""
-    from nbsupport import maskcut as mc
-    from nbsupport.analysis import metrics
+    from nbsupport.maskcut import pipeline
 
-    dets = []
-    for image_id, m in zip(coco.image_ids, mc.maskcut(feats, 3, tau)):
-        dets += mc.coco_annotations(mc.pixel_masks(m.numpy(), (size, size), (size, size)), image_id)
-    return metrics.coco_ap(coco.coco.dataset, dets)
+    masks = pipeline.masks_from_features(feats, [(size, size)] * len(feats), (size, size), 3, tau)
+    r = pipeline.score(coco, dict(zip(coco.image_ids, masks)))
+    return {"AP": r["mask AP"], "AP50": r["mask AP50"]}
 
 
 def _class_separability(coco, feats: torch.Tensor, seed: int) -> dict:
@@ -43,7 +41,7 @@ def backbone_quality(model, size: int = 128, n_images: int = 200, tau="median", 
     from nbsupport.data.images import image_to_tensor
     from nbsupport.models import features
 
-    coco = _val_scenes(size, n_images, seed)
+    coco = synthetic_coco(n_images, seed, size, "val")
     ids = coco.image_ids
     imgs = torch.stack([image_to_tensor(coco.load(i), size) for i in ids])
     p = model.nbs_info["patch_size"]
@@ -78,7 +76,7 @@ def maskcut_ceiling(
     :func:`backbone_quality` (the grid, not the features, limits it: ~24 AP50 at 64 px, ~67 at 128 px)."""
     from nbsupport.data.synthetic import CLASSES
 
-    coco = _val_scenes(size, n_images, seed)
+    coco = synthetic_coco(n_images, seed, size, "val")
     g = size // patch
     sem = np.stack([grid_truth.labels_on_grid(coco.semantic_mask(i), (g, g), min_fraction=0.0) for i in coco.image_ids])
     feats = np.eye(len(CLASSES) + 1)[sem] + noise * np.random.default_rng(seed).standard_normal(
@@ -103,7 +101,7 @@ def texture_reference(size: int = 128, n_images: int = 200, seed: int = 0, patch
     learning: it shows how much class information a single cell holds on this world (about 0.67 on the
     200 seed-0 scenes at 128 px, where random keys give 0.5), i.e. that issue 8's +0.15 AUC bar is
     reachable by a patch feature (``benchmarks/patch_probes.py`` adds a supervised twin)."""
-    coco = _val_scenes(size, n_images, seed)
+    coco = synthetic_coco(n_images, seed, size, "val")
     grey = torch.stack(
         [torch.from_numpy(np.asarray(coco.load(i), dtype=np.float32).mean(-1) / 255) for i in coco.image_ids]
     )

@@ -1,0 +1,113 @@
+"""The one MaskCut pipeline: images -> backbone keys -> patch masks -> pixel masks -> COCO -> mask AP.
+
+The command line (``python -m nbsupport maskcut``), notebooks 05 and 06 and the backbone benchmarks all
+run MaskCut through these functions, so the reference protocol (square resize to ``size``, last-block
+keys, ``n_masks`` cuts, nearest upsampling, optional CRF, masks in the original frame) exists once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nbsupport.analysis import metrics
+from nbsupport.data.images import image_to_tensor
+from nbsupport.maskcut.coco import coco_annotations, coco_json
+from nbsupport.maskcut.cut import maskcut, resolve_tau
+from nbsupport.maskcut.refine import pixel_masks
+from nbsupport.models.features import extract
+
+
+def masks_from_features(
+    feats: torch.Tensor, image_hws, input_hw, n_masks: int = 3, tau=0.15, images=None, crf: bool = False
+) -> list[np.ndarray]:
+    """Pixel masks ``[n_masks, H, W]`` per image from patch features ``[B, h, w, D]`` of model inputs of
+    size ``input_hw``; ``image_hws``: each image's original ``(H, W)``. ``images``: the inputs resized to
+    ``input_hw`` (uint8 ``[H, W, 3]``), needed only with ``crf``. ``tau`` must already be a number or
+    ``"median"`` (see :func:`~nbsupport.maskcut.resolve_tau`)."""
+    pm = maskcut(feats, n_masks, tau, solver="auto").cpu().numpy()
+    if crf and images is None:
+        raise ValueError("crf=True needs the images resized to input_hw")
+    return [
+        pixel_masks(m, tuple(hw), tuple(input_hw), images[k] if crf else None, crf=crf)
+        for k, (m, hw) in enumerate(zip(pm, image_hws))
+    ]
+
+
+def image_masks(
+    model, images, size: int = 480, n_masks: int = 3, tau="auto", crf: bool = False, device=None
+) -> list[np.ndarray]:
+    """MaskCut's pixel masks ``[n_masks, H, W]`` (bool, empty where a pass was rejected) for PIL images, as
+    the reference makes them: each image resized to ``size x size``, last-block keys of ``model``, the
+    original frame restored. ``tau``: a number, ``"median"`` or ``"auto"`` (:func:`resolve_tau`)."""
+    if not images:
+        return []
+    device = device or next(model.parameters()).device
+    x = torch.stack([image_to_tensor(im, size) for im in images]).to(device)
+    feats = extract(model, x, "key", -1)
+    resized = [np.asarray(im.resize((size, size))) for im in images] if crf else None
+    return masks_from_features(
+        feats, [(im.height, im.width) for im in images], (size, size), n_masks, resolve_tau(tau, model), resized, crf
+    )
+
+
+def dataset_masks(
+    model,
+    coco,
+    ids=None,
+    size: int = 480,
+    n_masks: int = 3,
+    tau="auto",
+    crf: bool = False,
+    batch_size: int = 8,
+    device=None,
+    progress: bool = False,
+) -> dict[int, np.ndarray]:
+    """:func:`image_masks` for the images ``ids`` (default: all) of a :class:`~nbsupport.data.CocoInstances`,
+    in batches of ``batch_size``: ``{image_id: masks [n_masks, H, W]}``."""
+    ids = list(coco.image_ids if ids is None else ids)
+    chunks = range(0, len(ids), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="maskcut", unit="batch")
+    out = {}
+    for s in chunks:
+        chunk = ids[s : s + batch_size]
+        for i, m in zip(chunk, image_masks(model, [coco.load(i) for i in chunk], size, n_masks, tau, crf, device)):
+            out[i] = m
+    return out
+
+
+def to_coco(coco, masks_by_id: dict) -> dict:
+    """A class-agnostic COCO instances dict of MaskCut masks (the pseudo-labels CutLER trains on): the image
+    records of ``coco`` for the ids in ``masks_by_id``, one annotation per non-empty mask, score 1."""
+    images, anns = [], []
+    for i, m in masks_by_id.items():
+        images.append(coco.image_info(i))
+        anns += coco_annotations(m, i)
+    return coco_json(images, anns)
+
+
+def score(coco, masks_by_id: dict) -> dict:
+    """Class-agnostic mask AP / AP50 (pycocotools, percent) of MaskCut masks against ``coco``'s ground truth
+    on the images in ``masks_by_id`` (every mask scored 1, as MaskCut gives no score), the mean recall of
+    ground-truth instances at IoU 0.5, and the number of masks."""
+    ids = list(masks_by_id)
+    dets = to_coco(coco, masks_by_id)["annotations"]
+    recalls = []
+    for i in ids:
+        m = masks_by_id[i]
+        recalls.append(metrics.mask_recall(coco.instance_masks(i), m[m.reshape(len(m), -1).any(1)]))
+    gt = {
+        **coco.coco.dataset,
+        "images": [coco.image_info(i) for i in ids],
+        "annotations": [a for i in ids for a in coco.annotations(i)],
+    }
+    ap = metrics.coco_ap(gt, dets, "segm")
+    return {
+        "mask AP": ap["AP"],
+        "mask AP50": ap["AP50"],
+        "recall@0.5": float(np.nanmean(recalls)) if recalls else float("nan"),
+        "masks": len(dets),
+    }
