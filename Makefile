@@ -5,7 +5,7 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.nbsupport-installed
 ARGS   ?=
 
-.PHONY: demo test smoke paper venv lab clean-runs
+.PHONY: demo test lint smoke paper venv lab clean-runs
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -18,9 +18,15 @@ venv: $(STAMP)
 demo: $(STAMP)  ## run every notebook on the offline default into runs/<timestamp>-demo/
 	$(VPY) -m nbsupport run --profile demo $(ARGS)
 
-test: $(STAMP)  ## pytest, then every notebook headless in the smoke profile
+test: $(STAMP)  ## ruff (lint + format check), pytest, then every notebook headless in the smoke profile
+	$(VENV)/bin/ruff check nbsupport tests benchmarks notebooks
+	$(VENV)/bin/ruff format --check nbsupport tests benchmarks notebooks
 	$(VPY) -m pytest -q
 	$(VPY) -m nbsupport run --profile smoke $(ARGS)
+
+lint: $(STAMP)  ## ruff lint + format check only
+	$(VENV)/bin/ruff check nbsupport tests benchmarks notebooks
+	$(VENV)/bin/ruff format --check nbsupport tests benchmarks notebooks
 
 smoke: $(STAMP)
 	$(VPY) -m nbsupport run --profile smoke $(ARGS)
