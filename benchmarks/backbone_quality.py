@@ -1,4 +1,4 @@
-"""How much has a backbone learned? Issue 8's three measures on the synthetic validation split.
+"""How much has a backbone learned? Three measures on the synthetic validation split.
 
 For each backbone (names or checkpoint paths) and its seeded random-init twin:
 1. same- vs different-class patch-key similarity (last block keys, objects only): ROC AUC and overlap;

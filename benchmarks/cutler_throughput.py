@@ -1,9 +1,9 @@
 """CutLER training throughput: images/s of full training steps (copy-paste on, flip on, AMP on CUDA).
 
 Synthetic scenes with 1-4 instances are held in memory as tensors on the device (so the number is the
-step's, not the disk's); each step runs :func:`nbsupport.cutler.augment_batch` on the device, the
+step's, not the disk's); each step runs :func:`nbsupport.training.cutler.augment_batch` on the device, the
 forward/backward of the class-agnostic Mask R-CNN with DropLoss, gradient clipping and an SGD step,
-exactly as :func:`nbsupport.cutler.train` does. The reference reports ~7 images/s per V100 (CutLER,
+exactly as :func:`nbsupport.training.cutler.train` does. The reference reports ~7 images/s per V100 (CutLER,
 detectron2, Cascade R50-FPN, 16 images/batch over 8 GPUs, multi-scale 240-1024 px).
 
     python benchmarks/cutler_throughput.py                         # CPU: resnet50, 256 px, batch 2

@@ -1,4 +1,4 @@
-"""Does a GroupViT group and recognise the synthetic world's objects? Diagnoses for issue 7's tiny model.
+"""Does a GroupViT group and recognise the synthetic world's objects? Diagnoses for the tiny offline model.
 
 For each model (a ``groupvit.load`` name, a ``.safetensors`` file, or a ``groupvit-train`` ``last.pt``) on the
 first ``--images`` synthetic validation scenes at ``--size`` px:
@@ -7,7 +7,8 @@ first ``--images`` synthetic validation scenes at ``--size`` px:
   image embedding (chance ~0.32 for 1-3 of 6 classes);
 - grouping: final groups that own at least one pixel per image, the mean share of the largest group, and for
   each object the best IoU of one group's pixels with it (a group per object would give ~1);
-- the zero-shot mIoU of ``grouptrain.zero_shot_miou`` (background names as extra classes) with per-class IoU.
+- the zero-shot mIoU of ``nbsupport.analysis.zero_shot.zero_shot_miou`` (background names as extra classes) with
+  per-class IoU.
 
     python benchmarks/groupvit_grouping.py runs/tiny_groupvit_synth/last.pt small --size 64 --images 64
 """
@@ -21,16 +22,16 @@ import numpy as np
 import torch
 
 from nbsupport.analysis import zero_shot
-from nbsupport.data import scenes
+from nbsupport.data.segmentation import SegmentationSet, segmentation_set
 
 
 def load(name: str):
     from nbsupport.models import groupvit as gv
 
     if name.endswith(".pt"):  # a groupvit-train checkpoint (tensors only)
-        from nbsupport.training import groupvit as gt
+        from nbsupport.training.common import load_checkpoint
 
-        state = gt.load_checkpoint(name)
+        state = load_checkpoint(name)
         arch = json.loads(state.get("config") or "{}").get("model", "small").removeprefix("random:")
         model = gv.build(arch if arch in gv.CONFIGS else "small")  # else (a file path): assumed "small"
         model.load_state_dict(state["model"])
@@ -39,11 +40,12 @@ def load(name: str):
 
 
 @torch.no_grad()
-def diagnose(model, images: torch.Tensor, semantic: torch.Tensor) -> dict:
+def diagnose(model, data: SegmentationSet) -> dict:
     from nbsupport.data import caption_labels as textmod
     from nbsupport.models import groupvit as gv
 
-    names, bgs = scenes.synthetic_class_names("name")
+    images, semantic = data.images, data.semantic
+    names, bgs = data.class_names, data.background_names
     te = gv.text_embeddings(model, list(names) + list(bgs), textmod.TEMPLATES)
     out = model.encode_image(images)
     size = tuple(images.shape[-2:])
@@ -83,9 +85,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    images, semantic = scenes.synthetic_scenes(a.images, 0, a.size)
+    data = segmentation_set(None, a.images, a.size, seed=0, split="val")
     for name in a.models:
-        r = diagnose(load(name), images, semantic)
+        r = diagnose(load(name), data)
         print(json.dumps({"model": name, **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}}))
     return 0
 

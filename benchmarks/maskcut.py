@@ -4,7 +4,7 @@ Part 1 runs ``maskcut`` (3 masks) on planted 60 x 60 feature grids (N = 3600 nod
 three objects as clustered vectors plus noise, so the masks are meaningful) with the default solver
 and with the reference ``scipy.linalg.eigh(D - A, D)``; both share the affinity code, so the ratio is
 the solver's. Mask agreement is the IoU of each mask pair. Part 2 times backbone (keys of the last
-block at 480 px) + MaskCut on synthetic scenes, on CPU and on CUDA when present.
+block at 480 px) + MaskCut on synthetic validation scenes (``synthetic_coco``), on CPU and on CUDA when present.
 
     python benchmarks/maskcut.py [--images 3] [--backbone random_vits8] [--pipeline-images 4]
 """
@@ -35,9 +35,9 @@ def main():
     ap.add_argument("--pipeline-images", type=int, default=4)
     ap.add_argument("--size", type=int, default=480)
     args = ap.parse_args()
-    from nbsupport import maskcut as mc
+    import nbsupport.maskcut as mc
     from nbsupport.data.images import image_to_tensor
-    from nbsupport.data.synthetic import render_scene
+    from nbsupport.data.scenes import synthetic_coco
     from nbsupport.models import backbones, features
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -45,11 +45,11 @@ def main():
     print(f"{'D':>5} {'ours s/img':>11} {'dense s/img':>12} {'ratio':>6} {'masks IoU>=0.99':>16} {'fallbacks':>9}")
     for d in (384, 768):
         ours, ref, agree, total = [], [], 0, 0
-        mc.STATS.fallbacks = 0
+        stats = mc.SolverStats()  # the default solver's solves only: its dense fallbacks are counted
         for s in range(args.images):
             f = planted(d, s)
             t = time.perf_counter()
-            a = mc.maskcut(f, 3, solver="lobpcg")
+            a = mc.maskcut(f, 3, solver="lobpcg", stats=stats)
             ours.append(time.perf_counter() - t)
             t = time.perf_counter()
             b = mc.maskcut(f, 3, solver="dense")
@@ -60,15 +60,14 @@ def main():
                 total += 1
         print(
             f"{d:>5} {np.mean(ours):>11.3f} {np.mean(ref):>12.3f} {np.mean(ref) / np.mean(ours):>6.1f} "
-            f"{agree:>8}/{total:<7} {mc.STATS.fallbacks:>9}"
+            f"{agree:>8}/{total:<7} {stats.fallbacks:>9}"
         )
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         model = backbones.load(args.backbone, device=dev)
-        imgs = torch.stack(
-            [image_to_tensor(render_scene(i, size=args.size).image, args.size) for i in range(args.pipeline_images)]
-        ).to(dev)
+        coco = synthetic_coco(n_images=args.pipeline_images, size=args.size)
+        imgs = torch.stack([image_to_tensor(coco.load(i), args.size) for i in coco.image_ids]).to(dev)
         features.extract(model, imgs[:1], "key", -1)  # warm-up
         if dev == "cuda":
             torch.cuda.synchronize()

@@ -1,4 +1,4 @@
-"""How separable are the synthetic world's classes at patch level? Reference points for issue 8's bar.
+"""How separable are the synthetic world's classes at patch level? Reference points for a backbone's class-AUC target.
 
 The tiny DINO is judged on same- vs different-class patch-key similarity (ROC AUC, objects only; see
 ``backbone_quality.py``). This script measures what that AUC is for:
@@ -25,16 +25,14 @@ import torch.nn.functional as F
 from nbsupport.analysis import grid_truth
 
 
-def _val(size: int, n_images: int):
-    from nbsupport.data.coco import CocoInstances
-    from nbsupport.data.images import image_to_tensor
-    from nbsupport.data.synthetic import synthetic_dataset
+def _val(size: int, n_images: int, patch: int = 8):
+    """Validation images ``[B, 3, size, size]`` and their semantic ground truth on the ``patch`` grid."""
+    from nbsupport.analysis.affinity_protocols import study_inputs
+    from nbsupport.data.scenes import synthetic_coco
 
-    root = synthetic_dataset(n_images=n_images, seed=0, size=size, split="val")
-    coco = CocoInstances(root / "instances_val.json")
-    ids = coco.image_ids
-    imgs = torch.stack([image_to_tensor(coco.load(i), size) for i in ids])
-    return imgs, lambda grid: np.stack([grid_truth.labels_on_grid(coco.semantic_mask(i), grid) for i in ids])
+    coco = synthetic_coco(n_images=n_images, seed=0, size=size, split="val")
+    imgs, truth = study_inputs(coco, coco.image_ids, size, patch)
+    return imgs, truth.semantic
 
 
 def _auc(feats, sem) -> float:
@@ -77,7 +75,7 @@ def supervised_twin(minutes: float, size: int, seed: int = 0, batch: int = 32):
         x = torch.stack([image_to_tensor(s.image) for s in scenes])
         y = torch.stack(
             [
-                torch.from_numpy(grid_truth.labels_on_grid(s.semantic, (h, h), ignore=None, min_fraction=0.0))
+                torch.from_numpy(grid_truth.labels_to_grid(s.semantic, size, (h, h), 8, ignore=None, min_fraction=0.0))
                 for s in scenes
             ]
         )
@@ -103,9 +101,8 @@ def main():
     torch.set_num_threads(args.threads)
     from nbsupport.models import features
 
-    imgs, sem_at = _val(args.size, args.images)
+    imgs, sem = _val(args.size, args.images)
     h = args.size // 8
-    sem = sem_at((h, h))
     for k, v in descriptors(imgs, sem).items():
         print(f"{k:<34} patch AUC {v:.3f}")
     if args.minutes > 0:

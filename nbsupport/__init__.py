@@ -7,7 +7,7 @@ figure)::
     model = nbs.load_backbone("dino_vits8")                 # or "tiny_dino_synth", "random_vits8", a path
     x = nbs.image_to_tensor(nbs.load_image("cat.jpg"), 224)[None]
     keys = nbs.extract_features(model, x, "key", layer=9)  # [B, h, w, D]
-    masks = nbs.maskcut(keys, n_masks=3, tau=0.15)         # [B, 3, h, w] patch masks
+    masks = nbs.maskcut_patches(keys, n_masks=3, tau=0.15) # [B, 3, h, w] patch masks
     pairs = nbs.find_correspondences(model, "a.jpg", "b.jpg")
     gv = nbs.load_groupvit("group_vit_gcc_yfcc_30e")
     seg = nbs.segment(gv, x[0], ["cat", "dog"])
@@ -45,7 +45,7 @@ _API = {
     "entropy_maps": ("nbsupport.analysis.entropy", "entropy_maps"),
     "embed": ("nbsupport.analysis.embedding", "embed"),
     # maskcut
-    "maskcut": ("nbsupport.maskcut.cut", "maskcut"),
+    "maskcut_patches": ("nbsupport.maskcut.cut", "maskcut"),
     "maskcut_images": ("nbsupport.maskcut.pipeline", "image_masks"),
     # notebook
     "save_figure": ("nbsupport.notebook.viz", "save_figure"),

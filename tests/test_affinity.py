@@ -9,7 +9,7 @@ from scipy.spatial.distance import cdist
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from nbsupport.analysis import affinity, grid_truth
+from nbsupport.analysis import affinity
 
 
 @pytest.fixture
@@ -193,49 +193,6 @@ def test_planted_classes_are_separable_and_table():
     assert (good > 0.99).all() and (abs(bad - 0.5) < 0.1).all()
 
 
-# ---------------------------------------------------------------- ground truth on the grid
-
-
-def test_labels_on_grid_hand_case():
-    sem = np.array([[1, 1, 2, 2], [1, 0, 2, 2], [0, 0, 255, 255], [0, 3, 255, 3]])
-    assert grid_truth.labels_on_grid(sem, (2, 2)).tolist() == [[1, 2], [0, -1]]
-    assert grid_truth.labels_on_grid(sem, (2, 2), min_fraction=0.8).tolist() == [[-1, 2], [-1, -1]]
-    assert grid_truth.labels_on_grid(sem, (2, 2), ignore=None).tolist() == [[1, 2], [0, 255]]
-    with pytest.raises(ValueError, match="grid_hw"):
-        grid_truth.labels_on_grid(sem, (5, 2))
-
-
-def test_labels_on_grid_matches_loop_on_uneven_grid():
-    g = np.random.default_rng(4)
-    sem = g.integers(0, 3, size=(13, 11))
-    sem[:7, :5] = 2  # a big block so that some cells have a clear majority
-    h, w = 4, 3
-    got = grid_truth.labels_on_grid(sem, (h, w), min_fraction=0.5)
-    for cy in range(h):
-        for cx in range(w):
-            ys = [y for y in range(13) if y * h // 13 == cy]
-            xs = [x for x in range(11) if x * w // 11 == cx]
-            cnt = Counter(sem[np.ix_(ys, xs)].ravel().tolist())
-            top = max(cnt.values())
-            lab = min(k for k, v in cnt.items() if v == top)
-            assert got[cy, cx] == (lab if top / (len(ys) * len(xs)) >= 0.5 else -1)
-    assert (got != -1).sum() >= 2
-
-
-def test_instance_and_masks_on_grid():
-    masks = np.zeros((2, 4, 4), bool)
-    masks[0, :2, :2] = True  # cell (0, 0) entirely
-    masks[1, 1:4, 1:4] = True  # overlaps mask 0 at pixel (1, 1)
-    inst = grid_truth.instance_on_grid(masks, (2, 2))
-    # id map: mask 1 (id 2) wins the overlap -> cell (0,0) has ids [1,1,1,2] -> 1
-    assert inst.tolist() == [[1, 0], [0, 2]]
-    on_grid = grid_truth.masks_on_grid(masks, (2, 2))
-    assert on_grid[0].tolist() == [[True, False], [False, False]]
-    # mask 1 covers cells (0,1): 2/4, (1,0): 2/4, (1,1): 4/4, (0,0): 1/4
-    assert on_grid[1].tolist() == [[False, True], [True, True]]
-    assert grid_truth.masks_on_grid(masks, (2, 2), min_fraction=0.75)[1].tolist() == [[False, False], [False, True]]
-
-
 # ---------------------------------------------------------------- intra / inter patch pairs (MMC b)
 
 
@@ -402,9 +359,9 @@ def test_prototype_segmentation_and_miou():
     labels = np.where(m, 1, 0)
     pred = affinity.prototype_response_segmentation(f, labels, rng=0)
     np.testing.assert_array_equal(pred, labels)
-    assert affinity.miou(pred, labels) == 1.0
+    assert affinity.miou_fraction(pred, labels) == 1.0
     # class 0: predicted on 3 valid pixels, true on 1 -> IoU 1/3; class 1: never predicted -> 0
-    assert affinity.miou(np.zeros((2, 2)), np.array([[0, 1], [-1, 1]])) == pytest.approx(1 / 6)
+    assert affinity.miou_fraction(np.zeros((2, 2)), np.array([[0, 1], [-1, 1]])) == pytest.approx(1 / 6)
 
 
 def test_prototype_segmentation_noisy_planted():
@@ -417,12 +374,17 @@ def test_prototype_segmentation_noisy_planted():
     f = torch.randn(10, 10, 16, generator=g) * 0.1
     for c in range(3):
         f[torch.from_numpy(labels == c)] += torch.eye(16)[c]
-    scores = [affinity.miou(affinity.prototype_response_segmentation(f, labels, rng=r), labels) for r in range(5)]
+    scores = [
+        affinity.miou_fraction(affinity.prototype_response_segmentation(f, labels, rng=r), labels) for r in range(5)
+    ]
     assert min(scores) > 0.95
     shuffled = f.reshape(100, 16)[torch.randperm(100, generator=g)].reshape(10, 10, 16)
     assert (
         np.mean(
-            [affinity.miou(affinity.prototype_response_segmentation(shuffled, labels, rng=r), labels) for r in range(5)]
+            [
+                affinity.miou_fraction(affinity.prototype_response_segmentation(shuffled, labels, rng=r), labels)
+                for r in range(5)
+            ]
         )
         < 0.6
     )

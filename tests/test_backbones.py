@@ -118,6 +118,21 @@ def test_offline_error_names_url_and_path(cache, monkeypatch):
     assert not (cache / "dino" / "dino_vitbase8_pretrain.pth").exists()
 
 
+def test_offline_env_attempts_no_download(cache, monkeypatch):
+    """NBSUPPORT_OFFLINE=1: the loader never calls the network and names the URL and the cache path."""
+
+    def must_not_download(url, dst, progress=True):
+        raise AssertionError(f"download attempted: {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", must_not_download)
+    monkeypatch.setenv("NBSUPPORT_OFFLINE", "1")
+    with pytest.raises(checkpoints.WeightsUnavailableError) as e:
+        backbones.load("dino_vits16")
+    msg = str(e.value)
+    assert backbones.OFFICIAL["dino_vits16"].url in msg and str(backbones.expected_path("dino_vits16")) in msg
+    assert "random_vits8" in msg
+
+
 def test_full_training_checkpoint_teacher_is_unwrapped(tmp_path):
     sd = official_layout(dim=64, depth=2, patch=16, img=64)
     teacher = {f"module.backbone.{k}": v for k, v in sd.items()}

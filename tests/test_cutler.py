@@ -157,6 +157,9 @@ def test_build_model_reference_settings_and_weights(tmp_path):
         C.build_model("resnet18", weights=tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="arch must be"):
         C.build_model("vgg")
+    # a misspelt keyword is an error, not a setting silently left at its default
+    with pytest.raises(TypeError, match="rpn_nms_tresh"):
+        C.build_model("resnet18", rpn_nms_tresh=0.5)
     frozen = C.build_model("resnet18", trainable_layers=3)
     names = {n for n, p in frozen.backbone.body.named_parameters() if not p.requires_grad}
     assert any(n.startswith("layer1") for n in names) and not any(n.startswith("layer2") for n in names)

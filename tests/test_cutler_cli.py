@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from nbsupport.__main__ import main as nbmain
+from nbsupport.core.config import read_config
 from nbsupport.data.synthetic import make_dataset
+from nbsupport.training import cutler as C
 
 torch.set_num_threads(1)
 
@@ -35,6 +37,7 @@ SMALL = [
     "checkpoint_period=1",
     "--no-progress",
 ]
+SMALL_VALUES = {"min_size": [64], "max_size": 64, "min_size_test": 64, "max_iter": 2, "checkpoint_period": 1}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +58,12 @@ def test_cli_train_predict_eval_selftrain(syn, tmp_path, capsys):
     assert summary["iteration"] == 2 and summary["problems"].get("unreadable image", 0) >= 0
     assert (tmp_path / "r0" / "model_final.pth").is_file() and (tmp_path / "r0" / "metrics.jsonl").is_file()
     assert len((tmp_path / "r0" / "metrics.jsonl").read_text().splitlines()) == 2
+    # the merged config is in the run folder (recipe smoke < -o < --train-json) and in the checkpoint
+    run_cfg = read_config(C.CutlerConfig, tmp_path / "r0")
+    assert (run_cfg.arch, run_cfg.min_size, run_cfg.max_iter, run_cfg.train_json) == ("resnet18", [64], 2, str(syn))
+    assert run_cfg == C.load_config("smoke", {**SMALL_VALUES, "train_json": str(syn)})
+    restored = C.load_trained(tmp_path / "r0" / "model_final.pth")
+    assert restored.transform.min_size == (64,) and restored.roi_heads.box_head.fc6.out_features == 256
 
     preds = tmp_path / "preds.json"
     # the other actions in-process (same parser, no interpreter start-up)

@@ -11,6 +11,7 @@ import pytest
 
 from nbsupport.data.synthetic import make_dataset
 from nbsupport.training import cutler as C
+from nbsupport.training.common import read_metrics
 
 
 def test_torchrun_two_processes_cpu(tmp_path):
@@ -52,7 +53,7 @@ def test_torchrun_two_processes_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     summaries = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 2 and all(s["world_size"] == 2 and s["iteration"] == 2 for s in summaries)
-    assert [rec["iter"] for rec in C.read_metrics(tmp_path / "out")] == [1, 2]  # rank 0 logs once per iteration
+    assert [rec["iter"] for rec in read_metrics(tmp_path / "out")] == [1, 2]  # rank 0 logs once per iteration
     assert (tmp_path / "out" / "model_final.pth").is_file()
     # the two ranks' shards of every epoch partition the dataset (batch 2 = 1 image per rank)
     s0, s1 = C.StreamSampler(4, 0, 0, 2), C.StreamSampler(4, 0, 1, 2)

@@ -5,6 +5,7 @@ import torch
 
 from nbsupport.data.synthetic import make_dataset
 from nbsupport.training import cutler as C
+from nbsupport.training.common import read_metrics
 
 torch.set_num_threads(1)
 
@@ -41,5 +42,5 @@ def test_training_reduces_the_loss(tmp_path):
         ),
     )
     C.train(cfg, tmp_path / "o", progress=False)
-    loss = [r["loss"] for r in C.read_metrics(tmp_path / "o")]
+    loss = [r["loss"] for r in read_metrics(tmp_path / "o")]
     assert len(loss) == 14 and np.mean(loss[-3:]) < 0.6 * np.mean(loss[:2]), loss

@@ -1,6 +1,7 @@
 """CutLER engine: exact resume after a kill, atomic checkpoints, NaN skip, self-training labels, thesis
 experiment sets, overlap evaluation splits (pycocotools)."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ from pycocotools import mask as mu
 
 from nbsupport.data.synthetic import make_dataset
 from nbsupport.training import cutler as C
+from nbsupport.training.common import read_metrics
 from nbsupport.training.cutler import loop as cutler_loop
 
 torch.set_num_threads(1)
@@ -44,7 +46,7 @@ def syn(tmp_path_factory):
 
 
 def _losses(out):
-    return [(r["iter"], r["loss"], r["loss_classifier"], r["loss_mask"]) for r in C.read_metrics(out)]
+    return [(r["iter"], r["loss"], r["loss_classifier"], r["loss_mask"]) for r in read_metrics(out)]
 
 
 def test_resume_after_kill_is_exact(syn, tmp_path):
@@ -53,7 +55,7 @@ def test_resume_after_kill_is_exact(syn, tmp_path):
     assert full["iteration"] == 4 and full["nan_skipped"] == 0
     # killed after iteration 3 (last checkpoint at 2), with a half-written checkpoint left behind
     r = C.train(cfg, tmp_path / "b", stop_after=3, progress=False)
-    assert r["stopped"] and len(C.read_metrics(tmp_path / "b")) == 3
+    assert r["stopped"] and len(read_metrics(tmp_path / "b")) == 3
     (tmp_path / "b" / "checkpoint_last.pth.tmp").write_bytes(b"torn write")
     ck = torch.load(tmp_path / "b" / "checkpoint_last.pth", weights_only=True)
     assert ck["iteration"] == 2
@@ -64,12 +66,12 @@ def test_resume_after_kill_is_exact(syn, tmp_path):
     wa = torch.load(tmp_path / "a" / "model_final.pth", weights_only=True)["model"]
     wb = torch.load(tmp_path / "b" / "model_final.pth", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    lr = [r["lr"] for r in C.read_metrics(tmp_path / "a")]
+    lr = [r["lr"] for r in read_metrics(tmp_path / "a")]
     assert lr == pytest.approx(
         [0.005 * 0.001, 0.005 * 0.5005, 0.005, 0.005 * 0.1]
     )  # warmup, then step (gamma 0.1) at 3
     # a different seed gives a different run (the test above can fail)
-    C.train(dict(cfg, seed=1, max_iter=1), tmp_path / "c", progress=False)
+    C.train(dataclasses.replace(cfg, seed=1, max_iter=1), tmp_path / "c", progress=False)
     assert _losses(tmp_path / "c")[0][1] != la[0][1]
 
 
@@ -95,7 +97,7 @@ def test_nan_loss_is_skipped_and_counted(syn, tmp_path, monkeypatch):
     cfg = C.load_config("smoke", dict(TINY, train_json=str(syn), max_iter=3))
     s = C.train(cfg, tmp_path, progress=False)
     assert s["nan_skipped"] == 1 and s["iteration"] == 3
-    log = C.read_metrics(tmp_path)
+    log = read_metrics(tmp_path)
     assert [r["iter"] for r in log] == [1, 3] and log[-1]["nan_skipped"] == 1
     w = torch.load(tmp_path / "model_final.pth", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in w.values() if v.is_floating_point())
@@ -105,9 +107,25 @@ def test_config_rejects_unknown_keys():
     with pytest.raises(KeyError, match="unknown CutLER config key 'lerning_rate'"):
         C.load_config("smoke", {"lerning_rate": 1})
     paper = C.load_config("paper")
-    assert paper["max_iter"] == 160000 and paper["steps"] == [80000] and paper["gamma"] == 0.02
-    assert paper["rpn_post_nms_top_n_train"] == 4000 and paper["rpn_nms_thresh"] == 0.65
-    assert paper["selftrain"]["score_thresh"] == [0.7, 0.65] and paper["selftrain"]["drop_loss"] is False
+    assert paper.max_iter == 160000 and paper.steps == [80000] and paper.gamma == 0.02
+    assert paper.rpn_post_nms_top_n_train == 4000 and paper.rpn_nms_thresh == 0.65
+    assert paper.selftrain.score_thresh == [0.7, 0.65] and paper.selftrain.drop_loss is False
+    # the defaults are the reference schedule: the paper recipe changes nothing, smoke only what it lists
+    assert paper == C.CutlerConfig()
+    smoke = C.load_config("smoke")
+    assert (smoke.arch, smoke.max_iter, smoke.selftrain.max_iter, smoke.selftrain.lr) == ("resnet18", 4, 2, 0.0025)
+    assert smoke.selftrain.score_thresh == [0.7, 0.65] and smoke.rpn_nms_thresh == 0.65  # defaults kept
+    st = C.selftrain_config(smoke, train_json="x.json")
+    assert (st.max_iter, st.steps, st.lr, st.warmup_iters, st.drop_loss, st.copy_paste_scale, st.train_json) == (
+        2,
+        [],
+        0.0025,
+        1,
+        False,
+        [0.5, 1.0],
+        "x.json",
+    )
+    assert st.batch_size == smoke.batch_size and st.gamma == smoke.gamma  # the rest is the training config
 
 
 # ------------------------------------------------------------------------------------------------ labels
@@ -261,5 +279,68 @@ def test_aspect_grouping_batches_and_resume(tmp_path, monkeypatch):
     C.train(cfg, tmp_path / "b", resume=True, progress=False)
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")  # resume replays the grouped order
     shapes.clear()
-    C.train(dict(cfg, aspect_grouping=False, max_iter=4), tmp_path / "c", progress=False)
+    C.train(dataclasses.replace(cfg, aspect_grouping=False, max_iter=4), tmp_path / "c", progress=False)
     assert any(len(s) == 2 for s in shapes)  # without grouping, batches mix
+
+
+def _notebook_06_config(profile: str):
+    """The CutLER config notebook 06 builds under a runner profile: its parameters cell, the profile's values
+    on top (as the runner injects them), then the notebook's ``cfg = cutler.load_config(...)`` statement."""
+    import ast
+    import json
+    from pathlib import Path
+
+    from nbsupport.notebook.runner import load_profiles, resolve_parameters
+
+    path = Path(__file__).resolve().parent.parent / "notebooks" / "06_cutler_training.ipynb"
+    cells = ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    ns: dict = {}
+    exec(cells[0], ns)  # the parameters cell
+    declared = {k: None for k in ns if not k.startswith("__")}
+    ns.update(resolve_parameters(path, profile, load_profiles(), {}, declared=declared))
+    src = next(c for c in cells if c.startswith("cfg = cutler.load_config("))
+    ns["cutler"] = C
+    exec(compile(ast.Module(body=[ast.parse(src).body[0]], type_ignores=[]), path.name, "exec"), ns)
+    return ns["cfg"]
+
+
+def test_notebook_06_profiles_are_config_overrides():
+    """No branch on the profile's name: the paper profile's parameters ARE the reference recipe, and the demo
+    profile's give the schedule the notebook used to derive from `iterations` and `train_size`."""
+    paper = _notebook_06_config("paper")
+    assert dataclasses.replace(paper, device="auto") == C.CutlerConfig()  # the defaults = the reference
+    assert paper.max_iter == 160000 and paper.batch_size == 16 and paper.min_size == list(C.REFERENCE_MIN_SIZES)
+    demo = _notebook_06_config("demo")
+    iterations, train_size = 30, 128  # the old derivation, by hand
+    want = C.load_config(
+        "smoke",
+        dict(
+            device="cpu",
+            seed=0,
+            arch="resnet18",
+            weights=None,
+            max_iter=iterations,
+            steps=[int(iterations * 0.8)],
+            warmup_iters=max(1, iterations // 10),
+            min_size=[int(train_size * 0.75), train_size],
+            max_size=int(train_size * 1.34),
+            min_size_test=train_size,
+            batch_size=2,
+            lr=0.01,
+            checkpoint_period=max(2, iterations // 2),
+            log_period=1,
+            num_workers=0,
+            keep_checkpoint=False,
+        ),
+    )
+    assert dataclasses.replace(demo, selftrain=want.selftrain) == want
+    smoke = _notebook_06_config("smoke")
+    assert (smoke.max_iter, smoke.steps, smoke.warmup_iters, smoke.min_size, smoke.max_size) == (
+        3,
+        [2],
+        1,
+        [48, 64],
+        85,
+    )
+    st = C.selftrain_config(smoke)  # the old notebook: the training schedule at half the LR, DropLoss off
+    assert (st.max_iter, st.steps, st.warmup_iters, st.lr, st.drop_loss) == (3, [2], 1, 0.005, False)

@@ -326,3 +326,46 @@ def test_voc_layout(tmp_path):
     assert inst2 is None
     with pytest.raises(FileNotFoundError, match=r"VOC root.*\['val'\]"):
         data.VocSegmentation(tmp_path, split="train")
+
+
+def test_public_surface_lists_the_loaders_of_the_room():
+    from nbsupport.data import captions, coco, images, scenes
+
+    assert data.read_coco_json is coco.read_coco_json and data.CaptionImages is captions.CaptionImages
+    assert data.synthetic_coco is scenes.synthetic_coco and data.synthetic_scenes is scenes.synthetic_scenes
+    assert data.resolve_image_path is images.resolve_image_path
+    assert {"synthetic_captions", "synthetic_class_names", "CocoInstances", "VocSegmentation"} <= set(data.__all__)
+    assert all(hasattr(data, n) for n in data.__all__) and len(set(data.__all__)) == len(data.__all__)
+
+
+def test_resolve_image_path(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from nbsupport.core import paths
+
+    monkeypatch.setenv("NBSUPPORT_ROOT", str(tmp_path))
+    (tmp_path / "data" / "samples").mkdir(parents=True)
+    (tmp_path / "data" / "samples" / "cat.png").write_bytes(b"x")
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "a.png").write_bytes(b"x")
+    other = tmp_path / "elsewhere.png"
+    other.write_bytes(b"x")
+    monkeypatch.chdir(tmp_path / "pics")  # a relative name is tried as given (cwd) first
+    assert data.resolve_image_path("a.png").resolve() == (tmp_path / "pics" / "a.png").resolve()
+    assert data.resolve_image_path(str(other)) == other
+    assert data.resolve_image_path("pics/a.png") == paths.project_root() / "pics" / "a.png"
+    assert data.resolve_image_path("cat.png") == tmp_path / "data" / "samples" / "cat.png"
+    assert data.resolve_image_path("nope.png") == Path("nope.png")  # unchanged: load_image names it
+    with pytest.raises(ImageLoadError, match="nope.png"):
+        data.load_image(data.resolve_image_path("nope.png"))
+
+
+def test_synthetic_coco_and_synthetic_scenes_show_the_same_scenes(tmp_path, monkeypatch):
+    monkeypatch.setenv("NBSUPPORT_GENERATED", str(tmp_path))
+    coco = data.synthetic_coco(n_images=3, seed=5, size=48, split="val")
+    imgs, sem = data.synthetic_scenes(3, seed=5, size=48, split="val")
+    assert coco.image_ids == [1, 2, 3] and imgs.shape == (3, 3, 48, 48)
+    for k, i in enumerate(coco.image_ids):
+        np.testing.assert_array_equal(coco.semantic_mask(i), sem[k].numpy())
+        assert torch.equal(data.image_to_tensor(coco.load(i)), imgs[k])
+    assert not torch.equal(imgs[0], imgs[1])

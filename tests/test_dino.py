@@ -1,6 +1,7 @@
 """DINO trainer: centering and EMA formulas, schedules, crop geometry of the patch term, frozen teacher,
 loss decreases, exact resume, export/load, CLI."""
 
+import dataclasses
 import json
 import math
 
@@ -8,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from nbsupport.core.config import read_config
 from nbsupport.data.images import IMAGENET_MEAN, IMAGENET_STD
 from nbsupport.models import backbones
 from nbsupport.training import dino
+from nbsupport.training.common import cosine_schedule
 from nbsupport.training.dino import losses
 
 
@@ -87,7 +90,7 @@ def test_ema_update_formula():
 
 
 def test_schedules_at_hand_picked_steps():
-    s = dino.cosine_schedule(1.0, 0.0, 110, warmup_steps=10)
+    s = cosine_schedule(1.0, 0.0, 110, warmup_steps=10)
     assert len(s) == 110 and s[0] == 0.0 and s[5] == pytest.approx(0.5) and s[10] == pytest.approx(1.0)
     assert s[60] == pytest.approx(0.5) and s[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 99 / 100)))
     cfg = dino.Config(
@@ -318,7 +321,8 @@ def test_resume_continues_identically(tmp_path):
     a = tiny_cfg(tmp_path, out=str(tmp_path / "a"), **kw)
     b = tiny_cfg(tmp_path, out=str(tmp_path / "b"), **kw)
     full = dino.train(a, resume=False, log=lambda *_: None)
-    dino.train(b, resume=False, log=lambda *_: None, max_steps=13)  # "killed" at step 13 (checkpointed)
+    # "killed" at step 13 (checkpointed)
+    dino.train(dataclasses.replace(b, max_steps=13), resume=False, log=lambda *_: None)
     resumed = dino.train(b, resume=True, log=lambda *_: None)
     assert resumed["step"] == full["step"] == 20
     assert resumed["loss"] == pytest.approx(full["loss"], rel=1e-4)
@@ -370,7 +374,7 @@ def test_bad_config_fails_before_anything_is_written(tmp_path):
         out = tmp_path / "run"
         with pytest.raises(ValueError):
             dino.train(dino.Config(out=str(out), **bad))
-        assert not (out / "config.json").exists()
+        assert not (out / "config.yaml").exists()
 
 
 def test_cli_trains_and_exports(tmp_path):
@@ -416,8 +420,8 @@ def test_cli_trains_and_exports(tmp_path):
         "48",
     ]
     assert main(args) == 0
-    cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["dense_weight"], cfg["koleo_weight"], cfg["scene_size"]) == (0.5, 0.1, 48)
+    cfg = read_config(dino.Config, out)
+    assert (cfg.dense_weight, cfg.koleo_weight, cfg.scene_size) == (0.5, 0.1, 48)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # batch of 2: KoLeo = -log of the distance between the two normalised CLS features, in (-log 2, inf)
     assert all(math.isfinite(r["koleo_loss"]) and r["koleo_loss"] > -math.log(2) and r["koleo_loss"] != 0 for r in rows)
@@ -624,3 +628,45 @@ def test_shipped_tiny_dino_beats_its_random_twin_on_maskcut():
     # the tiny DINO's: 0.542)
     ref = dino.texture_reference(128, 48, seed=0)["patch AUC"]
     assert ref > 0.6 and ref > floor["patch AUC"] + 0.1
+
+
+# The README's command for the shipped tiny DINO ("Tiny DINO"), flag for flag.
+TINY_DINO_COMMAND = (
+    "--out runs/tiny_dino --embed-dim 128 --depth 4 --num-heads 4 --image-size 64 --local-size 32 --n-local 2 "
+    "--out-dim 256 --head-hidden 256 --batch-size 32 --warmup-steps 200 --freeze-last-layer-steps 200 "
+    "--dense-weight 1.0 --lr 4e-3 --momentum 0.99 --weight-decay-end 0.04 --rotate 0.75 --appearance per-view "
+    "--dense-image-center true --scene-size 128 --global-scale-min 0.2 --global-scale-max 0.5 "
+    "--local-scale-min 0.04 --local-scale-max 0.12 --teacher-temp 0.01 --warmup-teacher-temp 0.01 --steps 2500 "
+    "--max-steps 500"
+).split()
+
+
+def test_tiny_dino_recipe_is_the_readme_command_and_the_shipped_file():
+    """``--recipe tiny_dino_synth --out runs/tiny_dino`` parses to exactly the Config of the README's long
+    command, and to the training recipe stored in the shipped weights' metadata (every key it records; the
+    snapshot cadence aside, which exports copies and does not change the weights)."""
+    from safetensors import safe_open
+
+    from nbsupport.__main__ import build_parser
+    from nbsupport.core import paths
+    from nbsupport.core.config import read_recipe, recipe_diff
+
+    def parse(args):
+        return dino.config_from_cli(build_parser().parse_args(["dino", "train", *args]))
+
+    long = parse(TINY_DINO_COMMAND)
+    short = parse(["--recipe", "tiny_dino_synth", "--out", "runs/tiny_dino"])
+    assert short == long
+    assert long.max_steps == 500 and long.steps == 2500 and long.lr == 4e-3 and long.appearance == "per-view"
+    # the recipe lists only what differs from the defaults, and neither out nor device
+    listed = set(read_recipe(dino.RECIPE_DIR / "tiny_dino_synth.yaml"))
+    assert listed == set(recipe_diff(short)) - {"out"} and not listed & {"out", "device"}
+    with safe_open(str(paths.data_dir() / "weights" / "tiny_dino_synth.safetensors"), "pt") as f:
+        made = json.loads(f.metadata()["recipe"])
+    got = dataclasses.asdict(short)
+    assert {k: got[k] for k in made if k != "snapshot_every"} == {
+        k: v for k, v in made.items() if k != "snapshot_every"
+    }
+    # explicit flags win over -o, which wins over the recipe
+    mixed = parse(["--recipe", "tiny_dino_synth", "-o", "lr=1e-3", "-o", "steps=10", "--steps", "20"])
+    assert (mixed.lr, mixed.steps, mixed.n_local) == (1e-3, 20, 2)

@@ -94,3 +94,53 @@ def test_entropy_maps_and_se_terms():
     h_g, h_l = E.segment_affinity_terms(torch.tensor([[0.0, 0.0, 0.0], [50.0, 0.0, 0.0]]))
     assert h_g.tolist() == pytest.approx([math.log(3), 0.0], abs=1e-6)
     assert h_l.tolist() == pytest.approx([0.0, math.log(2), math.log(2)], abs=1e-6)
+
+
+def test_groupvit_entropy_matches_an_independent_numpy_computation():
+    """groupvit_entropy on a small GroupViT: A_ST (Eq 28) from the model's own embeddings, GE / LE per patch
+    (Eq 36, 39-40) and the scores (Eq 37, 41, 44) recomputed in float64 numpy; the pixel maps are the patch
+    maps resized; the model's train/eval mode is restored and does not change the numbers."""
+    import numpy as np
+
+    from nbsupport.models import groupvit as gv
+
+    model = gv.build("small", seed=0)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    names = ["striped triangle", "dotted circle", "grass"]
+    model.train()
+    r = E.groupvit_entropy(model, x, names)
+    assert model.training  # restored
+    model.eval()
+    with torch.no_grad():
+        out = model.encode_image(x)
+        text = gv.text_embeddings(model, names)
+        scale = float(model.scale)
+    assert r.grid == (8, 8) and r.attn.shape == (2, 4, 64) and r.a_st.shape == (2, 4, 3)
+    assert (r.n_groups, r.n_labels) == (4, 3) and r.group.shape == r.label.shape == (2, 64, 64)
+    a_st = scale * out.group_embeds.double().numpy() @ text.double().numpy().T
+    np.testing.assert_allclose(r.a_st.numpy(), a_st, rtol=1e-4, atol=1e-4)
+    attn = out.attn.double().numpy()  # [B, G, P]
+    ge = -(attn * np.log(np.clip(attn, 1e-12, None))).sum(1)  # [B, P]
+    sm = np.exp(a_st - a_st.max(-1, keepdims=True))
+    sm /= sm.sum(-1, keepdims=True)
+    t_aff = attn.transpose(0, 2, 1) @ sm  # [B, P, K]
+    le = -(t_aff * np.log(np.clip(t_aff, 1e-12, None))).sum(-1)
+    col = np.exp(a_st - a_st.max(-2, keepdims=True))
+    col /= col.sum(-2, keepdims=True)
+    h_rows = -(sm * np.log(sm)).sum(-1).mean(-1)  # Eq 42
+    h_cols = -(col * np.log(col)).sum(-2).mean(-1)  # Eq 43
+    want = {"GE (Eq 37)": ge.mean(), "LE (Eq 41)": le.mean(), "SE (Eq 44)": (0.2 * h_rows + 0.1 * h_cols).mean()}
+    got = r.scores()
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-4), k
+    up = torch.nn.functional.interpolate(
+        torch.from_numpy(ge).float().reshape(2, 1, 8, 8), size=(64, 64), mode="bilinear"
+    )
+    torch.testing.assert_close(r.group, up[:, 0], atol=1e-4, rtol=0)
+    assert float(r.group.max()) <= math.log(4) + 1e-5 and float(r.label.max()) <= math.log(3) + 1e-5
+    again = E.groupvit_entropy(model, x, names)  # eval mode: same numbers as from train mode
+    torch.testing.assert_close(again.a_st, r.a_st)
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        E.groupvit_entropy(model, x[0], names)

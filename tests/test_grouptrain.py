@@ -1,4 +1,4 @@
-"""GroupViT training losses and loop (nbsupport.grouptrain; thesis Eq 21-26, 36-44, 52)."""
+"""GroupViT training losses and loop (nbsupport.training.groupvit; thesis Eq 21-26, 36-44, 52)."""
 
 import json
 import math
@@ -11,10 +11,12 @@ import torch.nn.functional as F
 
 from nbsupport.analysis import entropy as ent
 from nbsupport.analysis import zero_shot
+from nbsupport.core import distributed
 from nbsupport.data import caption_labels as text
 from nbsupport.data import scenes
 from nbsupport.models import groupvit as gv
 from nbsupport.training import groupvit as gt
+from nbsupport.training.common import load_checkpoint, read_metrics, warmup_cosine_lr
 
 torch.set_num_threads(1)
 
@@ -241,14 +243,14 @@ def test_gradients_flow_and_components(model):
 
 def test_lr_schedule():
     kw = dict(total=110, warmup=10, base=1e-3, min_lr=1e-5, warmup_lr=1e-6)
-    assert gt.lr_at(0, **kw) == pytest.approx(1e-6)
-    assert gt.lr_at(5, **kw) == pytest.approx((1e-6 + 1e-3) / 2)
-    assert gt.lr_at(10, **kw) == pytest.approx(1e-3)
-    assert gt.lr_at(60, **kw) == pytest.approx((1e-3 + 1e-5) / 2)
-    assert gt.lr_at(110, **kw) == pytest.approx(1e-5)
+    assert warmup_cosine_lr(0, **kw) == pytest.approx(1e-6)
+    assert warmup_cosine_lr(5, **kw) == pytest.approx((1e-6 + 1e-3) / 2)
+    assert warmup_cosine_lr(10, **kw) == pytest.approx(1e-3)
+    assert warmup_cosine_lr(60, **kw) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert warmup_cosine_lr(110, **kw) == pytest.approx(1e-5)
     # two cycles: back at the top half-way
-    assert gt.lr_at(60, cycles=2, **kw) == pytest.approx(1e-3)
-    assert gt.lr_at(35, cycles=2, **kw) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert warmup_cosine_lr(60, cycles=2, **kw) == pytest.approx(1e-3)
+    assert warmup_cosine_lr(35, cycles=2, **kw) == pytest.approx((1e-3 + 1e-5) / 2)
 
 
 def test_train_checkpoint_resume_metrics(tmp_path):
@@ -270,20 +272,23 @@ def test_train_checkpoint_resume_metrics(tmp_path):
         pad="repeat",
     )
     res = gt.train(cfg)
-    recs = gt.read_metrics(out)
+    recs = read_metrics(out)
     assert [r["step"] for r in recs if r["type"] == "train"] == [1, 2]
     val = [r for r in recs if r["type"] == "val"]
     assert len(val) == 1 and 0 <= val[0]["miou"] <= 100
-    st = gt.load_checkpoint(out / "last.pt")  # weights_only=True
+    st = load_checkpoint(out / "last.pt")  # weights_only=True
     assert st["epoch"] == 1 and st["step"] == 2 and json.loads(st["config"])["n_train"] == 16
     w1 = st["model"]["img_encoder.pos_embed"].clone()
     # resume: a second epoch continues at step 2 -> 4 and changes the weights
     cfg.epochs = 2
     gt.train(cfg)
-    st2 = gt.load_checkpoint(out / "last.pt")
+    st2 = load_checkpoint(out / "last.pt")
     assert st2["epoch"] == 2 and st2["step"] == 4
     assert not torch.equal(st2["model"]["img_encoder.pos_embed"], w1)
-    assert [r["step"] for r in gt.read_metrics(out) if r["type"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(out) if r["type"] == "train"] == [1, 2, 3, 4]
+    from nbsupport.core.config import read_config
+
+    assert read_config(gt.TrainConfig, out) == cfg  # the run folder's config.yaml is the merged config
     # exported weights load through groupvit.load
     m = gv.load(str(out / "final.safetensors"))
     sd = res["model"].state_dict()
@@ -309,7 +314,10 @@ def _ddp_worker(rank, world, port, img, lab, pad, q):
     b = len(img) // world
     mine = img[rank * b : (rank + 1) * b].clone().requires_grad_(True)
     loss = gt.multi_label_contrastive(
-        gt.gather(mine), gt.gather(lab[rank * b : (rank + 1) * b]), 4.0, gt.gather(pad[rank * b : (rank + 1) * b])
+        distributed.all_gather(mine),
+        distributed.all_gather(lab[rank * b : (rank + 1) * b]),
+        4.0,
+        distributed.all_gather(pad[rank * b : (rank + 1) * b]),
     )
     loss.backward()
     q.put((rank, loss.item(), (mine.grad / world).tolist()))  # DDP averages gradients over the processes
@@ -342,16 +350,49 @@ def test_all_gather_loss_equals_full_batch():
 
 def test_cli_recipe_and_overrides():
     from nbsupport.__main__ import build_parser
+    from nbsupport.core.config import read_recipe, recipe_diff
 
     args = build_parser().parse_args(
         ["groupvit-train", "--recipe", "tiny_groupvit_synth", "--epochs", "3", "--non-noisy", "false", "--w-ge", "0.5"]
     )
     cfg = gt.config_from_args(args)
-    assert cfg.epochs == 3 and cfg.w_ge == 0.5 and cfg.n_train == gt.RECIPES["tiny_groupvit_synth"]["n_train"]
+    recipe = read_recipe(gt.RECIPE_DIR / "tiny_groupvit_synth.yaml")
+    assert cfg.epochs == 3 and cfg.w_ge == 0.5 and cfg.n_train == recipe["n_train"] == 1000
     assert cfg.non_noisy is False  # explicit options win over the recipe
     assert args.export.endswith("data/weights/tiny_groupvit_synth.safetensors")
     plain = gt.config_from_args(build_parser().parse_args(["groupvit-train", "--label-kind", "np"]))
     assert plain.label_kind == "np" and plain.n_train == gt.TrainConfig().n_train and plain.epochs == 2
+    # the YAML recipe is the run the Python RECIPES dict described (values copied from it)
+    shipped = dict(
+        out_dir="runs/tiny_groupvit_synth",
+        model="small",
+        seed=0,
+        n_train=1000,
+        image_size=64,
+        batch_size=32,
+        epochs=100,
+        lr=5e-4,
+        min_lr=1e-5,
+        warmup_epochs=2.0,
+        label_kind="np+nouns",
+        num_labels=3,
+        pad="pad",
+        non_noisy=True,
+        context_length=24,
+        val_images=64,
+        val_size=64,
+        threads=1,
+        log_every=25,
+        max_minutes=48.0,
+    )
+    bare = gt.config_from_args(build_parser().parse_args(["groupvit-train", "--recipe", "tiny_groupvit_synth"]))
+    assert bare == gt.TrainConfig(**shipped) and set(recipe) == set(recipe_diff(bare))
+    # -o sits between the recipe and explicit options
+    over = build_parser().parse_args(
+        ["groupvit-train", "--recipe", "tiny_groupvit_synth", "-o", "epochs=7", "-o", "lr=1e-4", "--lr", "2e-4"]
+    )
+    cfg = gt.config_from_args(over)
+    assert (cfg.epochs, cfg.lr, cfg.n_train) == (7, 2e-4, 1000)
 
 
 @pytest.mark.parametrize("cmd", [["groupvit-train", "--non-noisy"], ["dino", "train", "--dense-image-center"]])
@@ -431,7 +472,7 @@ def test_torchrun_ddp_keeps_ranks_in_sync(tmp_path):
     # parameters agree exactly (BatchNorm running statistics are per process between DDP's buffer broadcasts)
     assert all(torch.equal(a[k], b[k]) for k in a if "running_" not in k and "num_batches" not in k)
     assert any(not torch.equal(a[k], init[k]) for k in a if a[k].is_floating_point())
-    assert [r["step"] for r in gt.read_metrics(tmp_path / "run") if r["type"] == "train"] == [1, 2]
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if r["type"] == "train"] == [1, 2]
 
 
 def test_training_scenes_take_an_object_scale(tmp_path, monkeypatch):

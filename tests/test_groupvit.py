@@ -231,6 +231,7 @@ def test_official_name_offline_and_from_cache(tmp_path, monkeypatch, model):
     from nbsupport.models.checkpoints import WeightsUnavailableError
 
     monkeypatch.setenv("NBSUPPORT_CACHE", str(tmp_path))
+    monkeypatch.delenv("NBSUPPORT_OFFLINE", raising=False)
     name = "group_vit_gcc_yfcc_30e"
     with pytest.raises(WeightsUnavailableError) as e:
         gv.load(name, download=False)
@@ -251,3 +252,80 @@ def test_official_name_offline_and_from_cache(tmp_path, monkeypatch, model):
     assert m.nbs_info["pretrained"] and name in gv.describe(m)
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(m.encode_image(x).image_embeds, model.encode_image(x).image_embeds)
+
+
+@pytest.fixture
+def release(tmp_path, monkeypatch, model):
+    """The official yfcc name served by a fake torch.hub: the small model's checkpoint in the official
+    layout, with the small config standing in for the official one. Returns the list of URLs fetched."""
+    monkeypatch.setenv("NBSUPPORT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("NBSUPPORT_OFFLINE", raising=False)
+    monkeypatch.setitem(gv.CONFIGS, "group_vit_gcc_yfcc_30e", model.cfg)
+    src = tmp_path / "served.pth"
+    torch.save({"model": model.state_dict(), "epoch": 30}, src)
+    calls = []
+
+    def fake_download(url, dst, progress=True):
+        calls.append(url)
+        import shutil
+
+        shutil.copy(src, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    return calls
+
+
+def test_official_release_honours_nbsupport_offline(release, monkeypatch):
+    """NBSUPPORT_OFFLINE=1: no download is attempted, the error names the URL and the exact cache path."""
+    monkeypatch.setenv("NBSUPPORT_OFFLINE", "1")
+    name = "group_vit_gcc_yfcc_30e"
+    with pytest.raises(checkpoints.WeightsUnavailableError) as e:
+        gv.load(name)
+    assert release == [] and not gv.weights_path(name).exists()
+    msg = str(e.value)
+    assert f"Download\n  {gv.URLS[name]}\nand put the file at\n  {gv.weights_path(name)}\n" in msg
+    assert "groupvit/group_vit_gcc_yfcc_30e-879422e0.pth" in msg and "random:small" in msg
+
+
+def test_official_release_pins_its_hash_and_refuses_a_changed_file(release, model):
+    """The first download records the file's SHA-256 beside it; later loads use the cache and check it, so
+    a file corrupted after download is refused with an error naming the file and the release URL."""
+    import hashlib
+
+    name = "group_vit_gcc_yfcc_30e"
+    m1 = gv.load(name)
+    m2 = gv.load(name)
+    path = gv.weights_path(name)
+    assert release == [gv.URLS[name]]  # downloaded once
+    recorded = path.with_name(path.name + ".sha256").read_text().strip()
+    assert recorded == hashlib.sha256(path.read_bytes()).hexdigest()
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(m1.encode_image(x).image_embeds, model.encode_image(x).image_embeds)
+    torch.testing.assert_close(m2.encode_image(x).image_embeds, model.encode_image(x).image_embeds)
+    with open(path, "r+b") as f:  # flip bytes inside the file: same size, other content
+        f.seek(-64, 2)
+        f.write(b"\xff" * 8)
+    with pytest.raises(checkpoints.CheckpointError, match=r"sha256 .*differs") as e:
+        gv.load(name)
+    assert str(path) in str(e.value) and gv.URLS[name] in str(e.value)
+    assert release == [gv.URLS[name]]  # refused, not silently re-downloaded
+
+
+def test_missing_shipped_model_points_at_its_recipe_and_falls_back(monkeypatch, tmp_path):
+    """A shipped name whose file is absent: a clear error with the training command; with ``fallback`` the
+    fallback model (seeded as asked) is returned and records what it stands in for. A path that does not
+    exist is an error even with a fallback."""
+    monkeypatch.setitem(
+        gv.SHIPPED, "tiny_groupvit_synth", ("definitely_missing.safetensors", gv.SHIPPED["tiny_groupvit_synth"][1])
+    )
+    with pytest.raises(checkpoints.WeightsUnavailableError) as e:
+        gv.load("tiny_groupvit_synth")
+    assert "definitely_missing.safetensors" in str(e.value)
+    assert "python -m nbsupport groupvit-train --recipe tiny_groupvit_synth" in str(e.value)
+    m = gv.load("tiny_groupvit_synth", seed=2, fallback="small")
+    ref = gv.build("small", seed=2)
+    assert m.nbs_info["fallback_for"] == "tiny_groupvit_synth" and gv.describe(m) == gv.describe(ref)
+    for (k, a), b in zip(m.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(FileNotFoundError, match="neither a file"):
+        gv.load(str(tmp_path / "nope.safetensors"), fallback="small")

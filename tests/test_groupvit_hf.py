@@ -136,3 +136,31 @@ def test_tokenizer_matches_hf_clip_tokenizer(tmp_path):
     for t in texts:
         ref = hf(t)["input_ids"]
         assert [tok.sot] + tok.encode(t) + [tok.eot] == ref, t
+
+
+def test_hub_name_reads_only_the_local_cache_offline(pair, tmp_path, monkeypatch):
+    """NBSUPPORT_OFFLINE=1: an HF hub name is read from the hub cache under cache_dir()/groupvit without
+    any network call (the HF layout renamed on load, same embeddings), and an empty cache is a clear error."""
+    from safetensors.torch import save_file
+
+    from nbsupport.models.checkpoints import WeightsUnavailableError
+
+    hf, ours = pair
+    monkeypatch.setenv("NBSUPPORT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("NBSUPPORT_OFFLINE", "1")
+    repo = "nvidia/groupvit-gcc-yfcc"
+    with pytest.raises(WeightsUnavailableError, match="groupvit-gcc-yfcc.*offline"):
+        gv.load(repo)
+    # the huggingface_hub cache layout: refs/main names the snapshot that holds the file
+    root = tmp_path / "cache" / "groupvit" / "models--nvidia--groupvit-gcc-yfcc"
+    rev = "0" * 40
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(rev)
+    (root / "snapshots" / rev).mkdir(parents=True)
+    sd = {k: v.contiguous().clone() for k, v in hf.state_dict().items()}
+    save_file(sd, str(root / "snapshots" / rev / "model.safetensors"))
+    m = gv.load(repo)
+    assert gv.describe(m) == f"GroupViT {repo} (HF)" and m.cfg == gv.CONFIGS["small"]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(m.encode_image(x).image_embeds, ours.encode_image(x).image_embeds)

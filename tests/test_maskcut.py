@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from nbsupport import maskcut as mc
+import nbsupport.maskcut as mc
 
 
 def planted_grid(h=20, w=20, d=32, noise=1.0, seed=0, boxes=((2, 9, 2, 10), (12, 18, 3, 9), (10, 18, 12, 19))):
@@ -210,3 +210,66 @@ def test_auto_tau_fixed_threshold_only_for_official_weights():
     x = image_to_tensor(Image.fromarray(render_scene(0, size=128).image), 128)[None]
     k = torch.nn.functional.normalize(features.extract(tiny, x, "key", -1).flatten(1, 2)[0], dim=-1)
     assert float((k @ k.T).min()) > 0.15
+
+
+def test_solver_stats_are_passed_in_not_global():
+    import nbsupport.maskcut.solver as solver
+
+    assert not hasattr(mc, "STATS") and not hasattr(solver, "STATS")
+    f, _ = planted_grid(boxes=((3, 12, 3, 12),), noise=0.5)
+    stats = mc.SolverStats()
+    mc.maskcut(torch.stack([f, f]), 3, stats=stats)  # reference mode: every pass solves once
+    assert stats.calls == 6 and len(stats.gaps) == 6 and stats.seconds > 0 and stats.fallbacks == 0
+    other = mc.SolverStats()
+    mc.maskcut_single(f, 2, 0.15, 1e-5, "lobpcg", "reference", 0.01, 0.5, other)  # positional signature intact
+    assert other.calls == 2 and stats.calls == 6  # one run's stats never leak into another's
+    # a dense fallback is counted, and the fallback still gives the reference eigenvector
+    A = mc.affinity(f.reshape(-1, f.shape[-1]), 0.15)
+    s = mc.SolverStats()
+    x = mc.second_eigenvector(A, "lobpcg", 0.0, stats=s)  # tol 0: the LOBPCG residual can never pass
+    assert s.calls == 1 and s.fallbacks == 1
+    assert cos_abs(x, dense_fiedler(A)[0]) > 1 - 1e-8
+    mc.second_eigenvector(A[:10, :10], stats=s)  # fewer than 12 nodes: always the dense solve
+    assert s.calls == 2 and s.fallbacks == 2
+    vals = dense_fiedler(A)[1]
+    mc.second_eigenvector(A, "dense", stats=s)
+    assert s.gaps[-1] == pytest.approx(vals[1] - vals[0])
+
+
+def test_pipeline_passes_stats_and_score_models_tabulates(monkeypatch, tmp_path):
+    from nbsupport.data import synthetic
+    from nbsupport.data.coco import CocoInstances
+    from nbsupport.maskcut import pipeline
+    from nbsupport.models import backbones
+
+    root = synthetic.make_dataset(tmp_path, 3, seed=2, size=64, split="val")
+    coco = CocoInstances(root / "instances_val.json")
+    model = backbones.load("random_tiny8")
+    stats = mc.SolverStats()
+    masks = mc.dataset_masks(model, coco, size=64, n_masks=2, tau="median", batch_size=2, stats=stats)
+    assert sorted(masks) == coco.image_ids and stats.calls == 3 * 2
+    assert all(m.shape == (2, 64, 64) for m in masks.values())
+    # the table scores what dataset_masks returns: with the ground-truth masks planted, AP and recall are perfect
+    truth = {i: coco.instance_masks(i) for i in coco.image_ids}
+    monkeypatch.setattr(pipeline, "dataset_masks", lambda m, c, ids, *a, **k: {i: truth[i] for i in ids or c.image_ids})
+    table = mc.score_models({"model": model, "other": model}, coco, tau="auto")
+    n_gt = sum(len(v) for v in truth.values())
+    assert table["model"].tolist() == ["model", "other"] and table["tau"].tolist() == ["median", "median"]
+    assert table["mask AP"].tolist() == pytest.approx([100.0, 100.0]) and (table["recall@0.5"] == 1.0).all()
+    assert table["masks"].tolist() == [n_gt, n_gt] and table["backbone"][0] == backbones.describe(model)
+
+
+def test_crf_available_reports_the_optional_package(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    assert mc.crf_available() is False
+    monkeypatch.undo()
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+
+        installed = True
+    except ImportError:
+        installed = False
+    assert mc.crf_available() is installed

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from nbsupport import maskcut as mc
+import nbsupport.maskcut as mc
 from nbsupport.analysis import metrics
 
 
@@ -78,3 +78,43 @@ def test_iou_disparity_sorted():
     df = metrics.iou_disparity(a, b, ["bg", "cat", "dog"])
     assert df["class"].iloc[0] == "bg" and df["difference"].iloc[0] == 0
     assert df.set_index("class")["difference"].loc[["cat", "dog"]].tolist() == [-50.0, -50.0]
+
+
+def test_mask_iou_hand_cases_and_the_empty_convention():
+    a = np.zeros((4, 6), bool)
+    a[:2, :3] = True  # 6 pixels
+    b = np.zeros((4, 6), bool)
+    b[1:3, 1:4] = True  # 6 pixels, 2 shared with a
+    assert metrics.mask_iou(a, b) == pytest.approx(2 / 10)
+    assert metrics.mask_iou(a, a) == 1.0 and metrics.mask_iou(a, ~a) == 0.0
+    empty = np.zeros((4, 6), bool)
+    assert metrics.mask_iou(empty, empty) == 1.0  # two empty masks agree everywhere
+    assert metrics.mask_iou(empty, b) == 0.0 and metrics.mask_iou(a, empty) == 0.0
+    import torch
+
+    assert metrics.mask_iou(torch.from_numpy(a), b.astype(np.uint8)) == pytest.approx(0.2)  # torch / 0-1 masks
+    with pytest.raises(ValueError, match="differ in shape"):
+        metrics.mask_iou(a, b.T)
+
+
+def test_maskcut_results_do_not_depend_on_the_empty_iou_convention(monkeypatch):
+    """MaskCut rejects a pass whose mask is empty by its area rule whatever IoU two empty masks get, so
+    the old private convention (0.0) and the shared one (1.0) give the same masks, rejections included."""
+    import torch
+
+    from nbsupport.maskcut import cut
+
+    g = torch.Generator().manual_seed(0)
+    lab = torch.zeros(16, 16, dtype=torch.long)
+    lab[3:11, 3:11] = 1  # one object: later passes are rejected and come back empty
+    f = torch.randn(2, 8, generator=g)[lab] + 0.5 * torch.randn(16, 16, 8, generator=g)
+    new = {mode: mc.maskcut(f, 4, after_reject=mode) for mode in ("reference", "stop")}
+    assert not new["reference"][1:].flatten(1).any(1).all()  # some pass was rejected (empty)
+
+    def old_iou(a, b):
+        u = np.logical_or(a, b).sum()
+        return float(np.logical_and(a, b).sum() / u) if u else 0.0
+
+    monkeypatch.setattr(cut, "mask_iou", old_iou)
+    for mode, masks in new.items():
+        assert torch.equal(mc.maskcut(f, 4, after_reject=mode), masks)

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +33,15 @@ def test_quickstart_on_a_random_backbone():
     x = nbs.image_to_tensor(img, 64)[None]
     keys = nbs.extract_features(model, x, "key", layer=-1)
     assert keys.shape == (1, 8, 8, 96)
-    masks = nbs.maskcut(keys, n_masks=2, tau="median")
+    masks = nbs.maskcut_patches(keys, n_masks=2, tau="median")
     assert masks.shape == (1, 2, 8, 8) and masks.dtype == torch.bool and masks[0, 0].any()
     px = nbs.maskcut_images(model, [Image.fromarray(img)], size=64, n_masks=2, tau="median")
     assert px[0].shape == (2, 40, 56)
+
+
+def test_no_public_name_shadows_a_room():
+    """A top-level name equal to a subpackage (e.g. ``maskcut``) would make ``from nbsupport import maskcut``
+    return the function or the package depending on what was imported first."""
+    rooms = {p.name for p in Path(nbs.__file__).parent.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert rooms >= {"core", "data", "models", "analysis", "maskcut", "training", "notebook"}
+    assert not rooms & set(nbs.__all__)

@@ -9,6 +9,8 @@ import pytest
 
 from nbsupport.data import synthetic as syn
 from nbsupport.data.coco import CocoCaptions, CocoInstances
+from nbsupport.data.synthetic import dataset as syn_dataset
+from nbsupport.data.synthetic import render as syn_render
 
 NAMES = {c.id: c for c in syn.CLASSES}
 
@@ -116,8 +118,8 @@ def test_labels_match_what_is_drawn(monkeypatch):
         drawn.append(b)
         return np.array([1.0, 0.0, b]), np.array([1.0, 1.0, b])
 
-    monkeypatch.setattr(syn, "_background", lambda rng, kind, size: np.zeros((size, size, 3)))
-    monkeypatch.setattr(syn, "_colour_pair", fixed_colours)
+    monkeypatch.setattr(syn_render, "_background", lambda rng, kind, size: np.zeros((size, size, 3)))
+    monkeypatch.setattr(syn_render, "_colour_pair", fixed_colours)
     occluded = 0
     for seed in range(4):
         drawn.clear()
@@ -285,11 +287,11 @@ def test_killed_generation_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(syn, "render_scene", dying)
+    monkeypatch.setattr(syn_dataset, "render_scene", dying)  # the name make_dataset calls
     with pytest.raises(KeyboardInterrupt):
         syn.synthetic_dataset(n_images=5, size=32, split="val")
     assert list(tmp_path.iterdir()) == []  # neither a half dataset nor a temporary folder
-    monkeypatch.setattr(syn, "render_scene", real)
+    monkeypatch.setattr(syn_dataset, "render_scene", real)
     root = syn.synthetic_dataset(n_images=5, size=32, split="val")
     assert len(CocoInstances(root / "instances_val.json")) == 5
 

@@ -1,4 +1,4 @@
-"""Label extraction from captions (nbsupport.text; thesis sections 4.3, 5.6-5.7.1)."""
+"""Label extraction from captions (nbsupport.data.caption_labels; thesis sections 4.3, 5.6-5.7.1)."""
 
 import logging
 import random

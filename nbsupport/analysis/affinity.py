@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nbsupport.analysis.metrics import mask_iou
+
 
 def _t(x, dtype=torch.float32) -> torch.Tensor:
     """Tensor view of ``x`` (tensor, array or nested list) in ``dtype``, on its own device."""
@@ -488,15 +490,6 @@ def sample_prompt_points(mask, mode: str = "center", rng=0) -> tuple[int, int]:
     return int(y), int(x)
 
 
-def mask_iou(a, b) -> float:
-    """IoU of two bool masks of the same shape (1.0 when both are empty)."""
-    a, b = _np(a).astype(bool), _np(b).astype(bool)
-    if a.shape != b.shape:
-        raise ValueError(f"masks differ in shape: {a.shape} vs {b.shape}")
-    union = (a | b).sum()
-    return float((a & b).sum() / union) if union else 1.0
-
-
 def threshold_sweep_miou(feats_list, masks_list, ts=(0.1, 0.2, 0.3, 0.4), mode: str = "center", rng=0):
     """MMC Table 1 protocol (prompt-patch zero-shot segmentation with a threshold sweep).
 
@@ -553,9 +546,10 @@ def sweep_summary(df, ts=None) -> dict:
 # LarvSeg prototype probe
 
 
-def miou(pred, gt, ignore: int = -1) -> float:
-    """Mean IoU over the classes present in ``gt`` (pixels where ``gt == ignore`` excluded from both
-    maps); a class never predicted scores 0. NaN when ``gt`` holds no class."""
+def miou_fraction(pred, gt, ignore: int = -1) -> float:
+    """Mean IoU, as a fraction in [0, 1] (:func:`nbsupport.analysis.metrics.miou` gives percent from a
+    confusion matrix), of two label maps over the classes present in ``gt`` (pixels where ``gt == ignore``
+    excluded from both maps); a class never predicted scores 0. NaN when ``gt`` holds no class."""
     pred, gt = _np(pred), _np(gt)
     if pred.shape != gt.shape:
         raise ValueError(f"pred {pred.shape} and gt {gt.shape} differ in shape")
@@ -568,7 +562,7 @@ def prototype_response_segmentation(feats, labels, rng=0, ignore: int = -1) -> n
     """LarvSeg's frozen-feature probe: for every ground-truth class of ``labels`` (int ``[h, w]`` on the
     patch grid, ``ignore`` skipped) one random patch (seeded) is its prototype; every patch of
     ``feats [h, w, D]`` takes the class of its most cosine-similar prototype. Returns int64 ``[h, w]``;
-    score it with :func:`miou`."""
+    score it with :func:`miou_fraction`."""
     f = _grid(feats)
     lab = _np(labels)
     if lab.shape != tuple(f.shape[:2]):

@@ -1,7 +1,7 @@
 """2-D embeddings of token features (thesis Fig 23: t-SNE of GroupViT's final segment tokens).
 
 Seeded t-SNE (scikit-learn) and UMAP (umap-learn) after a PCA pre-reduction, returning coordinates;
-plotting lives in the notebooks / ``nbsupport.viz``.
+plotting lives in the notebooks / ``nbsupport.notebook.viz``.
 """
 
 from __future__ import annotations

@@ -9,14 +9,19 @@ Conventions (batch dimension optional and leading everywhere):
 - ``l_affinity``: per-pixel label scores ``[H*W, N]`` or ``[H, W, N]`` (Eq 34), probabilities.
 
 All entropies are in nats: a uniform distribution over ``n`` outcomes has entropy ``log n``, a one-hot 0.
+:func:`groupvit_entropy` runs a GroupViT on images and returns all of these at once (thesis Fig 12-13, 17-18).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from nbsupport.models.groupvit.inference import TEMPLATES, text_embeddings
+from nbsupport.models.groupvit.model import GroupViT
 
 
 def entropy(p: torch.Tensor, dim: int = -1, eps: float = 1e-12) -> torch.Tensor:
@@ -100,3 +105,53 @@ def entropy_maps(
     if a_st is not None:
         out["label"] = to_maps(label_entropy(attn, a_st), grid, out_hw)
     return out
+
+
+@dataclass
+class GroupViTEntropy:
+    """A GroupViT's grouping of ``B`` images and its entropies (CPU tensors): ``attn [B, G, N]`` (Eq 32) on the
+    patch ``grid``, ``a_st [B, G, K]`` (Eq 28, logits), pixel maps ``group [B, H, W]`` (GE per patch, Eq 36)
+    and ``label [B, H, W]`` (LE per patch, Eq 39-40), bilinear at the image size."""
+
+    attn: torch.Tensor
+    grid: tuple[int, int]
+    a_st: torch.Tensor
+    group: torch.Tensor
+    label: torch.Tensor
+
+    @property
+    def n_groups(self) -> int:
+        return self.attn.shape[-2]
+
+    @property
+    def n_labels(self) -> int:
+        return self.a_st.shape[-1]
+
+    def scores(self) -> dict[str, float]:
+        """Image-averaged GE (Eq 37), LE (Eq 41) and SE (Eq 44), the penalties of thesis Table 11."""
+        return {
+            "GE (Eq 37)": group_entropy_loss(self.attn).item(),
+            "LE (Eq 41)": label_entropy_loss(self.attn, self.a_st).item(),
+            "SE (Eq 44)": segment_affinity_entropy(self.a_st).item(),
+        }
+
+
+@torch.no_grad()
+def groupvit_entropy(
+    model: GroupViT, images: torch.Tensor, class_names, templates=TEMPLATES["simple"]
+) -> GroupViTEntropy:
+    """Run ``model`` (in eval mode, restored after) on ``images [B, 3, H, W]`` in one batch and return its
+    chained attention, segment affinity against the prompted ``class_names`` (``A_ST = scale K^I Z^T``,
+    Eq 28) and the GE / LE maps of thesis Fig 13 and 17-18 (:func:`entropy_maps`)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+    was = model.training
+    model.eval()
+    try:
+        dev = next(model.parameters()).device
+        out = model.encode_image(images.to(dev))
+        a_st = float(model.scale) * out.group_embeds @ text_embeddings(model, class_names, templates).T
+        maps = entropy_maps(out.attn, out.grid, tuple(images.shape[-2:]), a_st)
+    finally:
+        model.train(was)
+    return GroupViTEntropy(out.attn.cpu(), tuple(out.grid), a_st.cpu(), maps["group"][1].cpu(), maps["label"][1].cpu())

@@ -1,12 +1,19 @@
 """GroupViT's two sub-tasks taken apart (thesis 5.4, Eq 47-51): soft labels of final groups from ground
 truth, KNN labelling of group tokens over a balanced feature bank, and ground-truth regions labelled
-through ``L_affinity``.
+through ``L_affinity``; then the pipelines of thesis Table 3 (paper inference vs visual grouping vs
+visual-text alignment), Table 4 (K of the KNN) and Fig 23 (2-D embeddings of the tokens).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+
+from nbsupport.analysis import embedding, metrics
+from nbsupport.models.groupvit.inference import group_segmentation, segment, text_embeddings
+from nbsupport.models.groupvit.model import GroupViT
 
 
 def soft_labels(
@@ -55,3 +62,135 @@ def gt_group_labels(l_affinity: torch.Tensor | np.ndarray, gt: np.ndarray, ignor
         m = gt == c
         pred[m] = int(la[:, m].mean(1).argmax())
     return pred
+
+
+# ============================================================================================== pipelines
+@dataclass
+class SegmentTokens:
+    """What a GroupViT makes of ``n`` images: final segment tokens ``features [n, G, C]`` (``Ŝ^3``), their
+    soft labels ``soft [n, G, L]`` (class fractions of each group's pixels, ``L`` labels incl. background)
+    and the pixel-to-group maps ``groups [n, H, W]`` (Eq 47)."""
+
+    features: np.ndarray
+    soft: np.ndarray
+    groups: np.ndarray
+
+    def owned(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(features [M, C], soft [M, L])`` of the tokens whose group owns at least one labelled pixel."""
+        soft = self.soft.reshape(-1, self.soft.shape[-1])
+        keep = soft.sum(-1) > 0
+        return self.features.reshape(-1, self.features.shape[-1])[keep], soft[keep]
+
+
+@torch.no_grad()
+def collect_tokens(
+    model: GroupViT, images: torch.Tensor, semantic: torch.Tensor, n_labels: int, batch_size: int = 16
+) -> SegmentTokens:
+    """Encode ``images [n, 3, H, W]`` and soft-label every final group by ``semantic [n, H, W]`` (labels
+    ``0 .. n_labels - 1``, 255 ignored; section 5.4.1)."""
+    if len(images) != len(semantic) or images.shape[-2:] != semantic.shape[-2:]:
+        raise ValueError(
+            f"images {tuple(images.shape)} and semantic {tuple(semantic.shape)} must be [n, 3, H, W] and [n, H, W]"
+        )
+    dev = next(model.parameters()).device
+    feats, soft, groups = [], [], []
+    for s in range(0, len(images), batch_size):
+        out = model.encode_image(images[s : s + batch_size].to(dev))
+        for b in range(len(out.attn)):
+            grp = group_segmentation(out.attn[b], out.grid, tuple(semantic.shape[-2:])).cpu().numpy()
+            soft.append(soft_labels(grp, semantic[s + b].numpy(), out.attn.shape[1], n_labels))
+            feats.append(out.final_tokens[b].cpu().numpy())
+            groups.append(grp)
+    return SegmentTokens(np.stack(feats), np.stack(soft), np.stack(groups))
+
+
+def knn_segmentation(
+    bank: SegmentTokens, query: SegmentTokens, k: int = 10, max_per_class: int = 1000, seed: int = 0
+) -> np.ndarray:
+    """Visual grouping (Eq 48-49): every query token takes the argmax of the mean soft label of its ``k``
+    nearest (cosine) tokens of the balanced ``bank``, and its group's pixels that label: ``[n, H, W]``."""
+    feats, soft = bank.owned()
+    if not len(feats):
+        raise ValueError("the feature bank has no token whose group owns a labelled pixel")
+    sel = balanced_subset(soft, max_per_class, seed)
+    preds = [
+        knn_labels(feats[sel], soft[sel], query.features[i], k=k)[query.groups[i]] for i in range(len(query.groups))
+    ]
+    return np.stack(preds)
+
+
+def miou_of(preds, semantic, n_labels: int, include_background: bool = True) -> tuple[float, np.ndarray]:
+    """mIoU (percent) over all images of ``preds`` against ``semantic`` (both ``[n, H, W]``) and the summed
+    confusion matrix ``[n_labels, n_labels]``."""
+    conf = sum(metrics.confusion_matrix(p, np.asarray(g), n_labels) for p, g in zip(preds, semantic))
+    return metrics.miou(conf, include_background=include_background), conf
+
+
+@torch.no_grad()
+def grouping_vs_alignment(
+    model: GroupViT,
+    bank: SegmentTokens,
+    val: SegmentTokens,
+    images: torch.Tensor,
+    semantic: torch.Tensor,
+    class_names,
+    k: int = 10,
+    max_per_class: int = 1000,
+    bg_thresh: float = 0.95,
+    seed: int = 0,
+) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Thesis Table 3 for one model on ``images [n, 3, H, W]`` / ``semantic [n, H, W]`` (0 = background, ``i``
+    = ``class_names[i - 1]``): rows ``{"type", "mIoU"}`` for the paper inference (:func:`segment` on the whole
+    image, top-5 classes, background threshold ``bg_thresh``, Eq 29-35), visual grouping (KNN with ``k``
+    over ``bank``, Eq 48-49; also without the background class, "WB") and visual-text alignment (ground-truth
+    regions labelled through ``L_affinity``, Eq 50-51); and the confusion matrices of ``"original"`` and
+    ``"visual grouping"``."""
+    if bg_thresh is None:
+        raise ValueError("bg_thresh must be a threshold: Table 3 scores the background as class 0")
+    n_labels = len(class_names) + 1
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    text = text_embeddings(model, class_names)
+    orig, align = [], []
+    for x, gt in zip(images, semantic):
+        pred, logits = segment(
+            model, x.to(dev), text_embeds=text, short_side=None, window=None, bg_thresh=bg_thresh, return_logits=True
+        )
+        orig.append(pred.cpu().numpy())
+        align.append(gt_group_labels(logits, gt.numpy()))
+    model.train(was)
+    vg = knn_segmentation(bank, val, k, max_per_class, seed)
+    m_orig, c_orig = miou_of(orig, semantic, n_labels)
+    m_vg, c_vg = miou_of(vg, semantic, n_labels)
+    rows = [
+        {"type": "Original", "mIoU": m_orig},
+        {"type": f"Visual Grouping (K={k})", "mIoU": m_vg},
+        {"type": "Visual Grouping (WB)", "mIoU": miou_of(vg, semantic, n_labels, include_background=False)[0]},
+        {"type": "Visual-Text Alignment", "mIoU": miou_of(align, semantic, n_labels)[0]},
+    ]
+    return rows, {"original": c_orig, "visual grouping": c_vg}
+
+
+def knn_ablation(
+    bank: SegmentTokens, val: SegmentTokens, semantic, ks, max_per_class: int = 1000, seed: int = 0
+) -> dict[int, float]:
+    """Thesis Table 4: visual-grouping mIoU (percent, background included) for every ``K`` in ``ks``."""
+    n_labels = bank.soft.shape[-1]
+    return {int(K): miou_of(knn_segmentation(bank, val, K, max_per_class, seed), semantic, n_labels)[0] for K in ks}
+
+
+def embed_tokens(tokens: SegmentTokens, methods=("tsne",), seed: int = 0, pca: int = 50, k: int = 10) -> list[dict]:
+    """Thesis Fig 23: the owned tokens embedded in 2-D by each of ``methods`` (``"tsne"`` / ``"umap"``, after a
+    PCA to ``pca`` dimensions, seeded), coloured by their majority label; per method ``{"method", "xy" [M, 2],
+    "labels" [M], "tokens", "kNN purity"}`` (share of each point's ``k`` nearest 2-D neighbours with its label)."""
+    feats, soft = tokens.owned()
+    if len(feats) < 3:
+        raise ValueError(f"only {len(feats)} tokens own labelled pixels: too few to embed")
+    labels = soft.argmax(-1)
+    out = []
+    for method in methods:
+        xy = embedding.embed(feats, method, pca=pca, seed=seed)
+        purity = embedding.knn_purity(xy, labels, k=min(k, len(feats) - 1))
+        out.append({"method": method, "xy": xy, "labels": labels, "tokens": len(feats), "kNN purity": purity})
+    return out

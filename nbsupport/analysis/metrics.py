@@ -54,6 +54,24 @@ def coco_ap(gt, detections: list[dict], iou_type: str = "segm", max_dets: int = 
     return {k: float(max(v, 0.0)) * 100 for k, v in zip(AP_NAMES, ev.stats)}
 
 
+def _bool_array(m) -> np.ndarray:
+    if hasattr(m, "detach"):  # a torch tensor, on any device
+        m = m.detach().cpu().numpy()
+    return np.asarray(m).astype(bool, copy=False)
+
+
+def mask_iou(a, b) -> float:
+    """Intersection over union of two masks of the same shape (bool, or anything nonzero = inside; numpy
+    or torch). Two empty masks are identical, so their IoU is 1.0 (the union is empty, the masks agree
+    everywhere); an empty mask against a non-empty one is 0.0. MaskCut's rejection rule and CRF check, the
+    prompt-patch sweep and the label-map mIoU of :mod:`nbsupport.analysis.affinity` all use this one."""
+    a, b = _bool_array(a), _bool_array(b)
+    if a.shape != b.shape:
+        raise ValueError(f"masks differ in shape: {a.shape} vs {b.shape}")
+    union = np.count_nonzero(a | b)
+    return float(np.count_nonzero(a & b) / union) if union else 1.0
+
+
 def mask_recall(gt_masks: np.ndarray, pred_masks: np.ndarray, iou: float = 0.5) -> float:
     """Fraction of ground-truth masks ``[G, H, W]`` matched by some predicted mask ``[P, H, W]`` at IoU >= ``iou``."""
     if len(gt_masks) == 0:

@@ -22,7 +22,7 @@ def zero_shot_miou(
     bg_thresh: float | None = None,
     batch_size: int = 32,
 ) -> dict:
-    """Zero-shot segmentation mIoU (thesis section 4.6) with :func:`nbsupport.groupvit.segment_logits`:
+    """Zero-shot segmentation mIoU (thesis section 4.6) with :func:`nbsupport.models.groupvit.inference.segment_logits`:
     object classes ``1..C`` = ``class_names``; ``background_names`` are scored as classes too and map to 0;
     ``bg_thresh`` adds GroupViT's background threshold. Returns ``{"miou", "iou" (per class incl. 0),
     "conf"}`` (percent)."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .coco import CocoCaptions, CocoInstances
+from .captions import CaptionImages
+from .coco import CocoCaptions, CocoInstances, read_coco_json
 from .images import (
     IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
@@ -15,10 +16,13 @@ from .images import (
     list_images,
     load_image,
     load_images,
+    resolve_image_path,
 )
+from .scenes import synthetic_captions, synthetic_class_names, synthetic_coco, synthetic_scenes
 from .voc import VOC_CLASSES, VOC_IGNORE, VocSegmentation, voc_colormap
 
 __all__ = [
+    "CaptionImages",
     "CocoCaptions",
     "CocoInstances",
     "collate_skip_bad",
@@ -32,6 +36,12 @@ __all__ = [
     "list_images",
     "load_image",
     "load_images",
+    "read_coco_json",
+    "resolve_image_path",
+    "synthetic_captions",
+    "synthetic_class_names",
+    "synthetic_coco",
+    "synthetic_scenes",
     "VOC_CLASSES",
     "voc_colormap",
     "VOC_IGNORE",

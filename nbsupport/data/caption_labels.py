@@ -361,7 +361,7 @@ def get_tagger(kind: str = "auto") -> Tagger:
     if kind in ("auto", "perceptron"):
         try:
             t = PerceptronTagger()
-            log.info("nbsupport.text: using NLTK's averaged perceptron tagger")
+            log.info("caption labels: using NLTK's averaged perceptron tagger")
             return t
         except (LookupError, ImportError, OSError) as e:
             if kind == "perceptron":
@@ -372,13 +372,13 @@ def get_tagger(kind: str = "auto") -> Tagger:
     if kind in ("auto", "wordnet"):
         wn = load_wordnet()
         if wn is not None:
-            log.info("nbsupport.text: perceptron tagger data missing; using the WordNet lexicon filter")
+            log.info("caption labels: perceptron tagger data missing; using the WordNet lexicon filter")
             return WordNetTagger(wn)
         if kind == "wordnet":
             raise LookupError(
                 f"no WordNet: nltk.download('wordnet') or apt-get install wordnet-base ({SYSTEM_WORDNET})"
             )
-    log.info("nbsupport.text: no tagger data; using the built-in lexicon tagger (synthetic-world vocabulary)")
+    log.info("caption labels: no tagger data; using the built-in lexicon tagger (synthetic-world vocabulary)")
     return BuiltinLexiconTagger()
 
 

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from nbsupport.core.paths import data_dir, project_root
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
 
@@ -85,6 +87,17 @@ def load_image(path, min_size: int = 1) -> Image.Image:
     if min(im.size) < min_size:
         raise ImageLoadError(path, f"{im.size[0]}x{im.size[1]} px is smaller than the minimum {min_size} px")
     return im
+
+
+def resolve_image_path(path) -> Path:
+    """Where a user-given image name points: ``path`` as given (``~`` expanded) when it exists, else
+    relative to the repository root, else a name in ``data/samples/``; unchanged when none exists (so
+    :func:`load_image` names the missing file)."""
+    p = Path(path).expanduser()
+    for cand in (p, project_root() / path, data_dir() / "samples" / path):
+        if cand.exists():
+            return cand
+    return Path(path)
 
 
 def _size_hw(size) -> tuple[int, int] | None:

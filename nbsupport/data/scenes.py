@@ -9,7 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nbsupport.data.synthetic import OBJECT_SCALE
+from nbsupport.data.coco import CocoInstances
+from nbsupport.data.images import image_to_tensor
+from nbsupport.data.synthetic.dataset import scene_rng, synthetic_dataset
+from nbsupport.data.synthetic.render import render_scene
+from nbsupport.data.synthetic.world import BACKGROUNDS, CLASSES, OBJECT_SCALE
 
 
 def synthetic_coco(n_images: int = 64, seed: int = 0, size: int = 128, split: str = "val", **world):
@@ -18,9 +22,6 @@ def synthetic_coco(n_images: int = 64, seed: int = 0, size: int = 128, split: st
     with ground truth. ``world``: :func:`~nbsupport.data.synthetic.make_dataset` options (``n_objects``,
     ``overlap``, ``scale``). Scene ``i`` is rendered from ``scene_rng(seed, split, i)``, so every form below
     shows the same scenes."""
-    from nbsupport.data.coco import CocoInstances
-    from nbsupport.data.synthetic import synthetic_dataset
-
     root = synthetic_dataset(n_images=n_images, seed=seed, size=size, split=split, **world)
     return CocoInstances(root / f"instances_{split}.json")
 
@@ -30,8 +31,6 @@ def synthetic_captions(
 ) -> Path:
     """The cached synthetic world split (``captions_<split>.json`` path; images under ``images/``);
     ``scale``: object diameters as fractions of the image side (:func:`nbsupport.data.synthetic.render_scene`)."""
-    from nbsupport.data.synthetic import synthetic_dataset
-
     scale = tuple(float(x) for x in scale)
     kw = {} if scale == OBJECT_SCALE else {"scale": scale}  # the default keeps the plain world's cache key
     return (
@@ -43,8 +42,6 @@ def synthetic_captions(
 def synthetic_class_names(kind: str = "name"):
     """Object class names of the synthetic world (``"name"``: "striped triangle", ``"noun"``: "triangle")
     and its background names (scored as extra classes that map to background 0)."""
-    from nbsupport.data.synthetic import BACKGROUNDS, CLASSES
-
     if kind not in ("name", "noun"):
         raise ValueError(f"class name kind must be 'name' or 'noun', got {kind!r}")
     return [c.name if kind == "name" else c.noun for c in CLASSES], list(BACKGROUNDS)
@@ -52,10 +49,10 @@ def synthetic_class_names(kind: str = "name"):
 
 def synthetic_scenes(n_images: int, seed: int = 0, size: int = 64, split: str = "val"):
     """``(images [n, 3, size, size] normalised, semantic [n, size, size] int64)`` of the synthetic split's
-    first ``n_images`` scenes (the same scenes ``synthetic_dataset(split=...)`` writes)."""
-    from nbsupport.data.images import image_to_tensor
-    from nbsupport.data.synthetic import render_scene, scene_rng
-
+    first ``n_images`` scenes, rendered in memory. These are the scenes :func:`synthetic_coco` writes for
+    the same ``(n_images, seed, size, split)``; load scenes with :func:`synthetic_coco` (instances, boxes,
+    captions, cached on disk); this in-memory form is for loops that only need the images and semantic
+    masks as tensors (the GroupViT trainer's validation)."""
     scenes = [render_scene(scene_rng(seed, split, i), size=size) for i in range(n_images)]
     return (
         torch.stack([image_to_tensor(s.image) for s in scenes]),

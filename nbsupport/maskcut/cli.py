@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from nbsupport.core.io import atomic_write_json, read_jsonl, truncate_jsonl
 from nbsupport.maskcut.coco import coco_annotations, coco_json, merge
 from nbsupport.maskcut.cut import resolve_tau
 from nbsupport.maskcut.pipeline import image_masks
@@ -35,21 +36,12 @@ def _list_inputs(spec: str) -> list[tuple[str, Path]]:
 
 
 def _read_partial(path: Path, repair: bool = False) -> dict[str, dict]:
-    """Records already written by an interrupted run. A line torn by a kill is ignored and, with
-    ``repair``, removed from the file so that new records start on a clean line."""
-    done, good = {}, []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done[rec["key"]] = rec
-            good.append(line)
-        if repair:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in good))
-            os.replace(tmp, path)
+    """Records already written by an interrupted run, by image key. A last line torn by a kill is ignored
+    and, with ``repair``, removed from the file so that new records start on a clean line; a corrupt line
+    in the middle is an error naming the file and line (:func:`nbsupport.core.io.read_jsonl`)."""
+    done = {rec["key"]: rec for rec in read_jsonl(path)}
+    if repair:
+        truncate_jsonl(path, lambda rec: True)
     return done
 
 
@@ -120,11 +112,9 @@ def run_cli(args) -> int:
     result = coco_json(
         [r["image"] for r in recs if "image" in r], [a for r in recs if "image" in r for a in r["annotations"]]
     )
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, out)
+    atomic_write_json(out, result)
     report = out.with_name(out.stem + ".report.json")
-    report.write_text(json.dumps({"images": len(recs), "failed": failures, "shard": f"{shard_i}/{shard_n}"}, indent=1))
+    atomic_write_json(report, {"images": len(recs), "failed": failures, "shard": f"{shard_i}/{shard_n}"}, indent=1)
     partial.unlink()
     print(
         f"wrote {out}: {len(result['images'])} images, {len(result['annotations'])} masks; "

@@ -18,10 +18,11 @@ we match it (``after_reject="reference"``). ``after_reject="stop"`` leaves every
 
 Solver. The eigenvector is computed exactly, not approximated: with ``M = D^-1/2 A D^-1/2`` the wanted
 vector is ``x = D^-1/2 y`` where ``y`` is the top eigenvector of ``M`` orthogonal to the known top one
-``D^1/2 1``. ``solver="lobpcg"`` (default, CPU) runs scipy's LOBPCG with that constraint and a block of 4
-vectors, and checks the residual; when it does not converge to 1e-6 the dense solve is used (counted
-in ``SolverStats``). ``solver="torch"`` uses a batched ``torch.linalg.eigh`` of ``M`` in float64 on the
-features' device (GPU). ``solver="dense"`` is the reference ``scipy.linalg.eigh(D - A, D)``. The sign of
+``D^1/2 1``. ``solver="lobpcg"`` (default, CPU) runs scipy's LOBPCG with that constraint and a block of
+``BLOCK = 2`` vectors, and checks the residual; when it does not converge to 1e-6 the dense solve is
+used (counted in the :class:`~nbsupport.maskcut.solver.SolverStats` passed as ``stats``, if any).
+``solver="torch"`` uses a batched ``torch.linalg.eigh`` of ``M`` in float64 on the features' device
+(GPU). ``solver="dense"`` is the reference ``scipy.linalg.eigh(D - A, D)``. The sign of
 an eigenvector is arbitrary and the corner/seed rules make the result sign-invariant; when lambda2 and
 lambda3 nearly coincide different exact solvers may legitimately return different vectors (CutLER
 issue #71): tests compare solvers where the spectral gap is clear.
@@ -34,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from nbsupport.maskcut.solver import affinity, cosine_matrix, second_eigenvector
+from nbsupport.analysis.metrics import mask_iou
+from nbsupport.maskcut.solver import SolverStats, affinity, cosine_matrix, second_eigenvector
 
 
 def bipartition(x: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -53,11 +55,6 @@ def bipartition(x: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     if labels[seed] == 0:
         return np.zeros((h, w), bool)
     return labels == labels[seed]
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    u = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / u) if u else 0.0
 
 
 def _resolve_tau(f: torch.Tensor, tau) -> float:
@@ -80,12 +77,18 @@ def maskcut_single(
     after_reject: str = "reference",
     min_area: float = 0.01,
     max_iou: float = 0.5,
+    stats: SolverStats | None = None,
 ) -> np.ndarray:
-    """MaskCut on one grid ``[h, w, D]`` -> bool patch masks ``[n_masks, h, w]`` (empty where rejected)."""
+    """MaskCut on one grid ``[h, w, D]`` -> bool patch masks ``[n_masks, h, w]`` (empty where rejected).
+
+    A pass after the first is rejected when its mask has IoU > ``max_iou`` with the previous pass's mask
+    or covers <= ``min_area`` of the grid. ``stats``: a :class:`SolverStats` recording every eigen-solve."""
     if feats.dim() != 3:
         raise ValueError(f"features must be [h, w, D], got {tuple(feats.shape)}")
     if after_reject not in ("reference", "stop"):
         raise ValueError(f"after_reject must be 'reference' or 'stop', got {after_reject!r}")
+    if not 0 <= min_area <= 1:
+        raise ValueError(f"min_area must be a fraction of the grid in [0, 1], got {min_area!r}")
     h, w, d = feats.shape
     f = feats.reshape(h * w, d).detach()
     tau_v = _resolve_tau(f, tau)
@@ -102,9 +105,10 @@ def maskcut_single(
             cos[t] = 0
             cos[:, t] = 0
         A = affinity(cos, tau_v, eps, is_cos=True)
-        x = second_eigenvector(A, solver)
+        x = second_eigenvector(A, solver, stats=stats)
         m = bipartition(x, (h, w))
-        if i > 0 and (_iou(m, prev) > max_iou or m.sum() <= min_area * h * w):
+        # an empty m is rejected by the area test anyway: what mask_iou gives two empty masks never decides
+        if i > 0 and (mask_iou(m, prev) > max_iou or m.sum() <= min_area * h * w):
             m = np.zeros_like(m)
             stopped = after_reject == "stop"
         masks[i] = m
@@ -121,13 +125,15 @@ def maskcut(
     solver: str = "auto",
     after_reject: str = "reference",
     progress: bool = False,
+    stats: SolverStats | None = None,
 ) -> torch.Tensor:
     """MaskCut pseudo-masks on the patch grid.
 
     ``features``: ``[h, w, D]`` or ``[B, h, w, D]`` (DINO last-block keys in the reference). ``tau``: the
     affinity threshold (0.15 made the released pseudo-masks) or ``"median"`` (the median pairwise cosine
     of the image: for models whose similarities are all near 1, e.g. random init). ``solver``: ``auto`` =
-    ``torch`` on CUDA, ``lobpcg`` on CPU. Returns bool ``[(B,) n_masks, h, w]``.
+    ``torch`` on CUDA, ``lobpcg`` on CPU. ``stats``: a :class:`SolverStats` that records every eigen-solve
+    of the call (calls, dense fallbacks, time, spectral gaps). Returns bool ``[(B,) n_masks, h, w]``.
     """
     single = features.dim() == 3
     feats = features[None] if single else features
@@ -140,12 +146,14 @@ def maskcut(
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="maskcut", unit="img")
-    out = torch.from_numpy(np.stack([maskcut_single(feats[b], n_masks, tau, eps, solver, after_reject) for b in it]))
+    out = torch.from_numpy(
+        np.stack([maskcut_single(feats[b], n_masks, tau, eps, solver, after_reject, stats=stats) for b in it])
+    )
     return out[0] if single else out
 
 
 def auto_tau(model):
-    """The threshold ``tau="auto"`` means for ``model`` (a :func:`nbsupport.backbones.load` result): the
+    """The threshold ``tau="auto"`` means for ``model`` (a :func:`nbsupport.models.backbones.load` result): the
     reference 0.15 for official DINO weights (a registered official name or an official ``.pth``), for which
     it was tuned; ``"median"`` for everything else. Random-init keys are often nearly parallel, and those of
     the tiny DINO trained here share a large common component (every pairwise cosine above 0.3, median

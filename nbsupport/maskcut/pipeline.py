@@ -15,19 +15,29 @@ from nbsupport.data.images import image_to_tensor
 from nbsupport.maskcut.coco import coco_annotations, coco_json
 from nbsupport.maskcut.cut import maskcut, resolve_tau
 from nbsupport.maskcut.refine import pixel_masks
+from nbsupport.maskcut.solver import SolverStats
+from nbsupport.models.backbones import describe
 from nbsupport.models.features import extract
 
 
 def masks_from_features(
-    feats: torch.Tensor, image_hws, input_hw, n_masks: int = 3, tau=0.15, images=None, crf: bool = False
+    feats: torch.Tensor,
+    image_hws,
+    input_hw,
+    n_masks: int = 3,
+    tau=0.15,
+    images=None,
+    crf: bool = False,
+    stats: SolverStats | None = None,
 ) -> list[np.ndarray]:
     """Pixel masks ``[n_masks, H, W]`` per image from patch features ``[B, h, w, D]`` of model inputs of
     size ``input_hw``; ``image_hws``: each image's original ``(H, W)``. ``images``: the inputs resized to
     ``input_hw`` (uint8 ``[H, W, 3]``), needed only with ``crf``. ``tau`` must already be a number or
-    ``"median"`` (see :func:`~nbsupport.maskcut.resolve_tau`)."""
-    pm = maskcut(feats, n_masks, tau, solver="auto").cpu().numpy()
+    ``"median"`` (see :func:`~nbsupport.maskcut.resolve_tau`). ``stats``: a :class:`SolverStats` that
+    records the eigen-solves."""
     if crf and images is None:
         raise ValueError("crf=True needs the images resized to input_hw")
+    pm = maskcut(feats, n_masks, tau, solver="auto", stats=stats).cpu().numpy()
     return [
         pixel_masks(m, tuple(hw), tuple(input_hw), images[k] if crf else None, crf=crf)
         for k, (m, hw) in enumerate(zip(pm, image_hws))
@@ -35,7 +45,14 @@ def masks_from_features(
 
 
 def image_masks(
-    model, images, size: int = 480, n_masks: int = 3, tau="auto", crf: bool = False, device=None
+    model,
+    images,
+    size: int = 480,
+    n_masks: int = 3,
+    tau="auto",
+    crf: bool = False,
+    device=None,
+    stats: SolverStats | None = None,
 ) -> list[np.ndarray]:
     """MaskCut's pixel masks ``[n_masks, H, W]`` (bool, empty where a pass was rejected) for PIL images, as
     the reference makes them: each image resized to ``size x size``, last-block keys of ``model``, the
@@ -47,7 +64,14 @@ def image_masks(
     feats = extract(model, x, "key", -1)
     resized = [np.asarray(im.resize((size, size))) for im in images] if crf else None
     return masks_from_features(
-        feats, [(im.height, im.width) for im in images], (size, size), n_masks, resolve_tau(tau, model), resized, crf
+        feats,
+        [(im.height, im.width) for im in images],
+        (size, size),
+        n_masks,
+        resolve_tau(tau, model),
+        resized,
+        crf,
+        stats=stats,
     )
 
 
@@ -62,6 +86,7 @@ def dataset_masks(
     batch_size: int = 8,
     device=None,
     progress: bool = False,
+    stats: SolverStats | None = None,
 ) -> dict[int, np.ndarray]:
     """:func:`image_masks` for the images ``ids`` (default: all) of a :class:`~nbsupport.data.CocoInstances`,
     in batches of ``batch_size``: ``{image_id: masks [n_masks, H, W]}``."""
@@ -74,7 +99,8 @@ def dataset_masks(
     out = {}
     for s in chunks:
         chunk = ids[s : s + batch_size]
-        for i, m in zip(chunk, image_masks(model, [coco.load(i) for i in chunk], size, n_masks, tau, crf, device)):
+        pils = [coco.load(i) for i in chunk]
+        for i, m in zip(chunk, image_masks(model, pils, size, n_masks, tau, crf, device, stats=stats)):
             out[i] = m
     return out
 
@@ -111,3 +137,28 @@ def score(coco, masks_by_id: dict) -> dict:
         "recall@0.5": float(np.nanmean(recalls)) if recalls else float("nan"),
         "masks": len(dets),
     }
+
+
+def score_models(
+    models: dict,
+    coco,
+    ids=None,
+    size: int = 480,
+    n_masks: int = 3,
+    tau="auto",
+    crf: bool = False,
+    batch_size: int = 8,
+    device=None,
+    stats: SolverStats | None = None,
+):
+    """MaskCut against ground truth for several backbones (e.g. a model and its random-init floor):
+    :func:`dataset_masks` then :func:`score` per entry of ``models`` (``{tag: backbone}``). One DataFrame
+    row per tag: model, backbone, tau (as resolved for that backbone), mask AP, mask AP50, recall@0.5,
+    masks."""
+    import pandas as pd
+
+    rows = []
+    for tag, m in models.items():
+        masks = dataset_masks(m, coco, ids, size, n_masks, tau, crf, batch_size, device, stats=stats)
+        rows.append({"model": tag, "backbone": describe(m), "tau": resolve_tau(tau, m), **score(coco, masks)})
+    return pd.DataFrame(rows, columns=["model", "backbone", "tau", "mask AP", "mask AP50", "recall@0.5", "masks"])

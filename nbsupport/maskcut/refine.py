@@ -7,10 +7,19 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from nbsupport.maskcut.cut import _iou
+from nbsupport.analysis.metrics import mask_iou
 
 # --------------------------------------------------------------------------------------------------
 # Pixel masks and COCO export
+
+
+def crf_available() -> bool:
+    """Whether the optional dense-CRF package (``pydensecrf2``, imported as ``pydensecrf``) can be used."""
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def crf_refine(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -62,7 +71,7 @@ def pixel_masks(
         for k in range(len(up)):
             if up[k].any():
                 refined = crf_refine(img, up[k])
-                up[k] = refined if _iou(refined, up[k]) >= crf_min_iou else np.zeros_like(up[k])
+                up[k] = refined if mask_iou(refined, up[k]) >= crf_min_iou else np.zeros_like(up[k])
     out = F.interpolate(
         torch.from_numpy(up.astype(np.float32))[None], size=image_hw, mode="bilinear", align_corners=False
     )[0].numpy()

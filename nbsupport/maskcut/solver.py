@@ -14,13 +14,14 @@ import torch.nn.functional as F
 
 @dataclass
 class SolverStats:
+    """What the eigen-solves of one run cost and how well posed they were: pass one instance as ``stats=``
+    to :func:`second_eigenvector` (or to ``maskcut`` and the pipeline, which pass it down) and read it
+    afterwards; without one each call records into a throw-away instance, so nothing is shared."""
+
     calls: int = 0
-    fallbacks: int = 0
+    fallbacks: int = 0  # LOBPCG solves that missed the residual tolerance and were redone densely
     seconds: float = 0.0
     gaps: list = field(default_factory=list)  # lambda3 - lambda2 of the generalised problem, per call
-
-
-STATS = SolverStats()
 
 
 BLOCK = 2  # LOBPCG block size: 2 vectors converge fast even when lambda2 and lambda3 are close
@@ -48,16 +49,22 @@ def _dense_reference(A: np.ndarray) -> tuple[np.ndarray, float]:
     return vecs[:, 0], float(vals[1] - vals[0])
 
 
-def second_eigenvector(A, solver: str = "lobpcg", tol: float = 1e-6, seed: int = 0) -> np.ndarray:
-    """The second-smallest generalised eigenvector ``x`` of ``(D - A) x = lambda D x`` for a symmetric
-    affinity ``A [N, N]`` (numpy or torch), float64, up to sign and scale."""
+def second_eigenvector(
+    A, solver: str = "lobpcg", tol: float = 1e-6, seed: int = 0, stats: SolverStats | None = None
+) -> np.ndarray:
+    """The second-smallest generalised eigenvector ``x [N]`` of ``(D - A) x = lambda D x`` (the Ncut
+    relaxation, thesis 3.3) for a symmetric affinity ``A [N, N]`` (numpy or torch), float64, up to sign and
+    scale. ``solver``: ``lobpcg`` (a block of :data:`BLOCK` vectors, residual checked against ``tol``,
+    dense fallback), ``torch`` or ``dense``. ``stats``: a :class:`SolverStats` to record the call in."""
+    if stats is None:
+        stats = SolverStats()
     t0 = time.perf_counter()
-    STATS.calls += 1
+    stats.calls += 1
     A_t = torch.as_tensor(A, dtype=torch.float64)
     if solver == "dense":
         x, gap = _dense_reference(A_t.cpu().numpy())
-        STATS.gaps.append(gap)
-        STATS.seconds += time.perf_counter() - t0
+        stats.gaps.append(gap)
+        stats.seconds += time.perf_counter() - t0
         return x
     d = A_t.sum(1)
     dis = d.rsqrt()
@@ -66,7 +73,7 @@ def second_eigenvector(A, solver: str = "lobpcg", tol: float = 1e-6, seed: int =
     if solver == "torch":
         vals, vecs = torch.linalg.eigh(dis[:, None] * A_t * dis[None, :])
         y = vecs[:, -2]
-        STATS.gaps.append(float(vals[-2] - vals[-3]) if len(vals) > 2 else float("nan"))
+        stats.gaps.append(float(vals[-2] - vals[-3]) if len(vals) > 2 else float("nan"))
         x = (dis * y).cpu().numpy()
     elif solver == "lobpcg":
         import warnings
@@ -101,14 +108,14 @@ def second_eigenvector(A, solver: str = "lobpcg", tol: float = 1e-6, seed: int =
             res = np.linalg.norm(my - lam * y)
             ok = res < tol
         if ok:
-            STATS.gaps.append(float(vals[0] - vals[1]) if len(vals) > 1 else float("nan"))
+            stats.gaps.append(float(vals[0] - vals[1]) if len(vals) > 1 else float("nan"))
             x = dn * y
         else:
-            STATS.fallbacks += 1
+            stats.fallbacks += 1
             w, v = np.linalg.eigh(dn[:, None] * An * dn[None, :])
-            STATS.gaps.append(float(w[-2] - w[-3]) if n > 2 else float("nan"))
+            stats.gaps.append(float(w[-2] - w[-3]) if n > 2 else float("nan"))
             x = dn * v[:, -2]
     else:
         raise ValueError(f"unknown solver {solver!r}: use 'lobpcg', 'torch' or 'dense'")
-    STATS.seconds += time.perf_counter() - t0
+    stats.seconds += time.perf_counter() - t0
     return np.asarray(x)

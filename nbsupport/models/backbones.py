@@ -10,9 +10,7 @@ Weights are read with ``torch.load(weights_only=True)`` or safetensors: no pickl
 
 from __future__ import annotations
 
-import os
 import re
-import urllib.error
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,7 +19,7 @@ import torch
 from torch import nn
 
 from nbsupport.core import paths
-from nbsupport.models.checkpoints import CheckpointError, WeightsUnavailableError, _sha256
+from nbsupport.models.checkpoints import CheckpointError, WeightsUnavailableError, fetch_release
 
 DINO_URL = "https://dl.fbaipublicfiles.com/dino/"
 
@@ -73,7 +71,7 @@ RANDOM: dict[str, tuple[Arch, int]] = {
 }
 
 
-# Backbones the project trains itself and ships in data/weights/ (see the offline-DINO issue).
+# Backbones the project trains itself and ships in data/weights/ (docs/experiments/tiny_dino.md).
 SHIPPED: dict[str, str] = {
     "tiny_dino_synth": "weights/tiny_dino_synth.safetensors",
 }
@@ -132,59 +130,24 @@ def expected_path(name: str) -> Path:
     return paths.cache_dir() / "dino" / Path(OFFICIAL[name].file).name
 
 
-def _verify(name: str, path: Path) -> None:
-    """Size check (when measured) and hash check: pinned hash, or the one recorded at first download."""
-    off = OFFICIAL[name]
-    size = path.stat().st_size
-    if off.size is not None and size != off.size:
-        raise CheckpointError(
-            f"{path} has {size} bytes but {name} must have {off.size}: the file is truncated or not "
-            f"{off.url}. Delete it and download again."
-        )
-    pinned = off.sha256
-    sidecar = path.with_name(path.name + ".sha256")
-    if pinned is None and sidecar.is_file():
-        pinned = sidecar.read_text().strip()
-    if pinned is not None:
-        got = _sha256(path)
-        if got != pinned:
-            raise CheckpointError(
-                f"{path}: sha256 {got[:12]}... differs from the recorded {pinned[:12]}...; "
-                "the file changed since it was downloaded. Delete it and download again."
-            )
-
-
 def fetch(name: str, download: bool = True, progress: bool = True) -> Path:
-    """The local path of official checkpoint ``name``, downloading it once into the cache.
+    """The local path of official checkpoint ``name``, downloaded once into the cache and size/hash checked
+    on every use (:func:`nbsupport.models.checkpoints.fetch_release`).
 
-    Offline and not cached: raises :class:`WeightsUnavailableError` naming the URL and the path to put
-    the file at.
+    Offline (``download=False`` or ``NBSUPPORT_OFFLINE=1``) and not cached: raises
+    :class:`WeightsUnavailableError` naming the URL and the path to put the file at.
     """
     off = OFFICIAL[name]
-    dst = expected_path(name)
-    if not dst.is_file():
-        if not download or os.environ.get("NBSUPPORT_OFFLINE") == "1":
-            raise WeightsUnavailableError(_missing_message(name, dst))
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            # torch.hub writes to a temporary file and renames it: no half file is left behind.
-            torch.hub.download_url_to_file(off.url, str(dst), progress=progress)
-        except (urllib.error.URLError, OSError, RuntimeError) as e:
-            raise WeightsUnavailableError(_missing_message(name, dst) + f"\n(download failed: {e})") from e
-        _verify(name, dst)
-        if off.sha256 is None:
-            dst.with_name(dst.name + ".sha256").write_text(_sha256(dst) + "\n")
-        return dst
-    _verify(name, dst)
-    return dst
-
-
-def _missing_message(name: str, dst: Path) -> str:
-    return (
-        f"Weights for {name!r} are not available offline. Download\n  {OFFICIAL[name].url}\n"
-        f"and put the file at\n  {dst}\n(or set NBSUPPORT_CACHE to a folder holding dino/{dst.name}, "
-        f"or pass the file's path to backbones.load). Offline alternatives: "
-        f"{', '.join(sorted(RANDOM))}."
+    return fetch_release(
+        off.url,
+        expected_path(name),
+        what=f"Weights for {name!r}",
+        loader="nbsupport.models.backbones.load",
+        size=off.size,
+        sha256_hex=off.sha256,
+        alternatives=sorted(RANDOM),
+        download=download,
+        progress=progress,
     )
 
 
@@ -321,7 +284,7 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", download:
             raise WeightsUnavailableError(
                 f"{name!r} is the tiny DINO trained on the synthetic world, shipped in the repository as "
                 f"{path}, and that file is missing: restore it (git checkout -- data/weights) or retrain it "
-                f"(README, 'Tiny DINO'). Use 'random_vits8' offline or an official DINO name meanwhile."
+                f"(python -m nbsupport dino train --recipe tiny_dino_synth; docs/experiments/tiny_dino.md). Use 'random_vits8' offline or an official DINO name meanwhile."
             )
         return _load_path(path, device, name=name, label="tiny DINO (synthetic world)")
     p = Path(name).expanduser()

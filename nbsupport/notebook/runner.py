@@ -9,7 +9,7 @@ and ``profile=<name>`` when it declares ``profile``. Every name is checked again
 
     runs/<YYYYmmdd-HHMMSS>-<profile>/
         notebooks/<stem>.ipynb     executed copies (figures inline)
-        figures/<stem>/*.png|pdf   written by nbsupport.viz.save_figure inside the kernel
+        figures/<stem>/*.png|pdf   written by nbsupport.notebook.viz.save_figure inside the kernel
         summary.md, summary.json   status, time, figures and parameters of each notebook
         run.log                    progress lines and full tracebacks of failures
 

@@ -35,7 +35,7 @@ def setup_style() -> None:
 # ----------------------------------------------------------------------------------------------- saving
 def figure_dir() -> Path:
     """``<run folder>/figures/<notebook stem>``: the stem is ``$NBSUPPORT_NOTEBOOK`` (set by the runner),
-    else ``interactive``; the run folder is :func:`nbsupport.paths.run_dir`. Created if missing."""
+    else ``interactive``; the run folder is :func:`nbsupport.core.paths.run_dir`. Created if missing."""
     d = paths.run_dir() / "figures" / (os.environ.get("NBSUPPORT_NOTEBOOK") or "interactive")
     d.mkdir(parents=True, exist_ok=True)
     return d

@@ -1,20 +1,20 @@
-"""GroupViT (Xu et al. 2022) with every intermediate exposed, its weights, CLIP tokenizer and the paper's
-zero-shot segmentation (thesis sections 4.4-4.6, Eq 12-35; analyses of section 5.4, Eq 47-51).
+"""GroupViT (Xu et al. 2022; thesis sections 4.4-4.6, Eq 12-35): the model with every intermediate exposed,
+its weights, the CLIP tokenizer and the paper's zero-shot inference. Shapes: ``B`` images, ``N = h*w``
+patches, ``C`` width, ``G_l`` group tokens of stage ``l``, ``P`` joint-space dimension, ``K`` texts.
 
-The module names follow the official NVlabs checkpoint (``img_encoder.layers.i.blocks.j.attn.qkv`` ...), so
-an official ``['model']`` state dict loads without renaming; :func:`hf_to_official` maps the HF
-transformers layout (``nvidia/groupvit-gcc-yfcc``). Shapes: ``B`` images, ``N = h*w`` patches, ``C`` width,
-``G_l`` group tokens of stage ``l``, ``P`` joint-space dimension, ``K`` texts.
-
-- :class:`GroupViT` / :func:`build` / :data:`CONFIGS` (``group_vit_gcc_yfcc_30e``, ``group_vit_gcc_redcap_30e``,
-  ``small`` for tests) ; ``model.encode_image(images) -> ImageOutput`` (soft/hard assignments, segment and
-  group tokens per stage, chained attention ``Attn`` of Eq 32, image and group embeddings);
-  ``model.encode_text(token_ids)``.
-- :func:`load` (official names, local ``.pth`` / ``.safetensors`` / HF files, ``random:small``), a restricted
-  unpickler (:func:`read_checkpoint`) that never runs code from the file.
-- :class:`Tokenizer` (CLIP BPE, packaged vocabulary), :func:`text_embeddings` (prompt templates averaged).
-- :func:`segment` (Eq 29-35 with top-5 classes, background threshold, sliding window).
-- :func:`soft_labels`, :func:`knn_labels`, :func:`gt_group_labels` (section 5.4, Eq 47-51).
+- :mod:`.model` - :class:`GroupViT` / :func:`build` / :data:`CONFIGS` (``group_vit_gcc_yfcc_30e``,
+  ``group_vit_gcc_redcap_30e``, ``small`` and ``small128`` for offline runs) with the official NVlabs module
+  names, so an official ``['model']`` state dict loads without renaming; ``model.encode_image(images) ->
+  ImageOutput`` (soft/hard assignments, segment and group tokens per stage, chained attention ``Attn`` of
+  Eq 32, image and group embeddings); ``model.encode_text(token_ids)``.
+- :mod:`.weights` - :func:`load` (official releases through :func:`fetch`, the project's one
+  download-and-verify path; HF ``nvidia/groupvit-gcc-yfcc`` files renamed by :func:`hf_to_official`; the
+  shipped ``tiny_groupvit_synth``; local ``.pth`` / ``.safetensors``; ``random:<config>``; a ``fallback``
+  for weights that are unavailable).
+- :mod:`.tokenizer` - :class:`Tokenizer` (CLIP BPE from the packaged vocabulary, no network).
+- :mod:`.inference` - :func:`text_embeddings` (prompt templates averaged), :func:`segment` (Eq 29-35: top-5
+  classes, background threshold, sliding window), :func:`group_segmentation` (Eq 47, the pixel-to-group map
+  the section 5.4 analyses in :mod:`nbsupport.analysis.group_tokens` start from).
 """
 
 from __future__ import annotations
@@ -55,7 +55,17 @@ from .model import (
     interpolate_pos_embed,
 )
 from .tokenizer import Tokenizer, tokenizer
-from .weights import HF_REPOS, SHIPPED, URLS, from_state_dict, hf_to_official, infer_config, load, weights_path
+from .weights import (
+    HF_REPOS,
+    SHIPPED,
+    URLS,
+    fetch,
+    from_state_dict,
+    hf_to_official,
+    infer_config,
+    load,
+    weights_path,
+)
 
 __all__ = [
     "AssignAttention",
@@ -67,6 +77,7 @@ __all__ = [
     "CrossAttention",
     "CrossBlock",
     "describe",
+    "fetch",
     "from_state_dict",
     "group_segmentation",
     "GroupingBlock",

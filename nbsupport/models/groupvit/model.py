@@ -72,7 +72,7 @@ CONFIGS: dict[str, Config] = {
         proj_dim=32,
     ),
     # "small" at the tiny DINO's width (128, 4 heads, 4 blocks): its image encoder can start from
-    # tiny_dino_synth (grouptrain.init_image_encoder)
+    # tiny_dino_synth (nbsupport.training.groupvit.init_image_encoder)
     "small128": Config(
         img_size=64,
         patch_size=8,

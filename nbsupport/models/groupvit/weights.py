@@ -1,9 +1,11 @@
-"""GroupViT weights: official NVlabs releases (downloaded once into the cache), HF transformers files
-(renamed to the official layout), shipped offline models, seeded random inits.
+"""GroupViT weights: official NVlabs releases (downloaded once into ``$NBSUPPORT_CACHE/groupvit`` and hash
+checked by :func:`nbsupport.models.checkpoints.fetch_release`, the path DINO's weights take too), HF
+transformers files (renamed to the official layout), shipped offline models, seeded random inits.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re as _re
 from dataclasses import replace
@@ -12,7 +14,7 @@ from pathlib import Path
 import torch
 
 from nbsupport.core import paths
-from nbsupport.models.checkpoints import WeightsUnavailableError, read_checkpoint
+from nbsupport.models.checkpoints import WeightsUnavailableError, fetch_release, offline, read_checkpoint
 from nbsupport.models.groupvit.model import CONFIGS, Config, GroupViT, build, interpolate_pos_embed
 
 URLS = {
@@ -22,12 +24,14 @@ URLS = {
     "group_vit_gcc_redcap_30e-3dd09a76.pth",
 }
 
+log = logging.getLogger(__name__)
 
-#: Small weights shipped in ``data/weights/`` (name -> file, command that retrains them; nbsupport.grouptrain).
+
+#: Small weights shipped in ``data/weights/`` (name -> file, the ``groupvit-train`` command that trains them).
 SHIPPED = {
     "tiny_groupvit_synth": (
         "tiny_groupvit_synth.safetensors",
-        "python -m nbsupport groupvit-train --recipe tiny_groupvit_synth (see README, 'Tiny offline GroupViT')",
+        "python -m nbsupport groupvit-train --recipe tiny_groupvit_synth (see docs/experiments/tiny_groupvit.md)",
     )
 }
 
@@ -187,60 +191,76 @@ def weights_path(name: str) -> Path:
     return paths.cache_dir() / "groupvit" / URLS[name].rsplit("/", 1)[1]
 
 
+def fetch(name: str, download: bool = True, progress: bool = True) -> Path:
+    """The local path of official release ``name`` (:data:`URLS`), downloaded once into
+    :func:`weights_path` and hash checked on every use (:func:`nbsupport.models.checkpoints.fetch_release`:
+    the SHA-256 is pinned beside the file at its first download). Offline (``download=False`` or
+    ``NBSUPPORT_OFFLINE=1``) and not cached: :class:`WeightsUnavailableError` naming the URL and the path."""
+    if name not in URLS:
+        raise ValueError(f"{name!r} is not an official GroupViT release: use one of {sorted(URLS)}")
+    return fetch_release(
+        URLS[name],
+        weights_path(name),
+        what=f"GroupViT weights {name!r}",
+        loader="nbsupport.models.groupvit.load",
+        alternatives=["'random:small'", "'small'"],
+        download=download,
+        progress=progress,
+    )
+
+
 def load(
     name_or_path: str | Path = "small",
     device: str | torch.device = "cpu",
     img_size: int | None = None,
     download: bool = True,
     seed: int = 0,
+    fallback: str | None = None,
 ) -> GroupViT:
     """A GroupViT in eval mode.
 
     - ``"small"`` / ``"random:<config>"``: seeded random init (offline; figure titles say so);
     - ``"group_vit_gcc_yfcc_30e"`` / ``"group_vit_gcc_redcap_30e"``: official release, downloaded once into
-      ``cache_dir()/groupvit`` and read by :func:`read_checkpoint` (no code from the file runs);
+      ``cache_dir()/groupvit`` and hash checked (:func:`fetch`), read by :func:`read_checkpoint` (no code
+      from the file runs);
     - ``"nvidia/groupvit-gcc-yfcc"``: HF hub weights through ``huggingface_hub`` (if installed), renamed;
+    - ``"tiny_groupvit_synth"``: the tiny GroupViT trained on the synthetic world (:data:`SHIPPED`);
     - a path to a ``.pth``/``.pt`` (official or HF layout, maybe nested under ``model``) or ``.safetensors``.
+
+    ``fallback``: a name loaded instead (with a logged warning, and ``nbs_info["fallback_for"]`` set) when
+    the requested weights are unavailable (:class:`WeightsUnavailableError`: a shipped file not trained
+    yet, official weights offline); None raises.
     """
     name = str(name_or_path)
+    try:
+        return _load(name, device, img_size, download, seed)
+    except WeightsUnavailableError as e:
+        if fallback is None:
+            raise
+        log.warning("%s\n-> using %r instead", e, fallback)
+        model = _load(str(fallback), device, img_size, download, seed)
+        model.nbs_info = dict(model.nbs_info, fallback_for=name)
+        return model
+
+
+def _load(name: str, device, img_size, download: bool, seed: int) -> GroupViT:
     if name in CONFIGS and name not in URLS or name.startswith("random:"):
         return build(name.removeprefix("random:"), seed).to(device)
     if name in URLS:
-        path = weights_path(name)
-        if not path.exists():
-            msg = (
-                f"GroupViT weights {name!r} are not available offline. Download\n  {URLS[name]}\n"
-                f"and put the file at\n  {path}\n(or set NBSUPPORT_CACHE to a folder holding "
-                f"groupvit/{path.name}, or pass the file's path to groupvit.load). Offline alternative: "
-                f"'random:small'."
-            )
-            if not download:
-                raise WeightsUnavailableError(msg)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:  # torch.hub writes a temporary file and renames it: no half file is left behind
-                torch.hub.download_url_to_file(URLS[name], str(path), progress=True)
-            except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError
-                raise WeightsUnavailableError(msg + f"\n(download failed: {e})") from e
+        path = fetch(name, download=download)
         model = from_state_dict(read_checkpoint(path), CONFIGS[name], img_size, source=str(path))
         model.nbs_info = {"name": name, "pretrained": True, "description": f"GroupViT {name}"}
         return model.to(device)
     if name in HF_REPOS:
-        try:
-            from huggingface_hub import hf_hub_download
-        except ImportError as e:
-            raise ImportError("loading from the HF hub needs huggingface_hub; or pass a local file") from e
-        try:
-            path = Path(hf_hub_download(name, "model.safetensors", cache_dir=paths.cache_dir() / "groupvit"))
-        except Exception:
-            path = Path(hf_hub_download(name, "pytorch_model.bin", cache_dir=paths.cache_dir() / "groupvit"))
-        model = _load_file(path, img_size)
+        model = _load_file(_hf_file(name, download), img_size)
         model.nbs_info = {"name": name, "pretrained": True, "description": f"GroupViT {name} (HF)"}
         return model.to(device)
-    if name in SHIPPED:  # tiny offline models trained by nbsupport.grouptrain (see SHIPPED)
+    if name in SHIPPED:  # tiny offline models trained by groupvit-train (see SHIPPED)
         path = paths.data_dir() / "weights" / SHIPPED[name][0]
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{name!r}: shipped weights {path} are missing; retrain them with {SHIPPED[name][1]}"
+            raise WeightsUnavailableError(
+                f"{name!r}: the shipped weights {path} are missing (not trained yet, or deleted); "
+                f"train them with {SHIPPED[name][1]}. Offline alternative: 'small'."
             )
         model = _load_file(path, img_size)
         model.nbs_info = {
@@ -253,11 +273,31 @@ def load(
     if not path.exists():
         raise FileNotFoundError(
             f"{name!r} is neither a file nor a known GroupViT: "
-            f"{sorted(CONFIGS)} + {sorted(HF_REPOS)} or random:<config>"
+            f"{sorted(CONFIGS)} + {sorted(HF_REPOS)} + {sorted(SHIPPED)} or random:<config>"
         )
     model = _load_file(path, img_size)
     model.nbs_info = {"name": path.name, "pretrained": True, "description": f"GroupViT ({path.name})"}
     return model.to(device)
+
+
+def _hf_file(repo: str, download: bool) -> Path:
+    """The weights file of an HF hub repository, from the hub cache under ``cache_dir()/groupvit`` (only
+    the local cache when offline: ``download=False`` or ``NBSUPPORT_OFFLINE=1``)."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as e:
+        raise ImportError("loading from the HF hub needs huggingface_hub; or pass a local file") from e
+    local = offline() or not download
+    errors = []
+    for fname in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            return Path(hf_hub_download(repo, fname, cache_dir=paths.cache_dir() / "groupvit", local_files_only=local))
+        except Exception as e:  # noqa: BLE001 - try the next file name, report both
+            errors.append(f"{fname}: {type(e).__name__}: {e}")
+    raise WeightsUnavailableError(
+        f"GroupViT weights {repo!r} are not available{' offline' if local else ''} from the HF hub cache "
+        f"{paths.cache_dir() / 'groupvit'} ({'; '.join(errors)}); pass a local .safetensors / .bin file instead."
+    )
 
 
 def _load_file(path: Path, img_size):

@@ -14,8 +14,10 @@ The reference (facebookresearch/CutLER, a detectron2 fork) is rebuilt on ``torch
   placed at a random offset; occluded target masks lose the pasted pixels, fully hidden ones are dropped,
   boxes recomputed from masks. Runs on the tensors' device (GPU in training).
 * :class:`PseudoMaskDataset` - COCO-format pseudo-masks (MaskCut JSON) with bad-input handling.
-* training engine, prediction, self-training and the thesis experiment sets / evaluation splits live in
-  :mod:`nbsupport.cutler_engine` and are re-exported here.
+* :class:`CutlerConfig` - the defaults (the reference schedule); ``recipes/*.yaml`` list what differs
+  (``smoke``), ``-o key=value`` overrides (:mod:`nbsupport.core.config`, shared by every trainer).
+* :func:`train` (loop), :func:`predict`, self-training (:func:`selftrain_round`) and the thesis experiment
+  sets, flow and evaluation splits (:mod:`~nbsupport.training.cutler.experiments`).
 
 Images are float ``[3, H, W]`` in 0..1 (the model normalises); targets are dicts with ``boxes`` float
 ``[N, 4]`` (x0, y0, x1, y1, pixel-edge convention), ``labels`` int64 ``[N]`` (all 1), ``masks`` uint8
@@ -25,18 +27,33 @@ Images are float ``[3, H, W]`` in 0..1 (the model normalises); targets are dicts
 from __future__ import annotations
 
 from .augment import augment_batch, copy_paste, hflip
-from .config import CONFIG_DIR, DEFAULTS, SELFTRAIN_TRAIN_KEYS, load_config
+from .cli import config_from_cli
+from .config import (
+    MODEL_KEYS,
+    RECIPE_DIR,
+    SELFTRAIN_TRAIN_KEYS,
+    CutlerConfig,
+    SelftrainConfig,
+    load_config,
+    model_kwargs,
+    selftrain_config,
+)
 from .data import GroupedStreamBatchSampler, PseudoMaskDataset, StreamSampler, aspect_groups, collate
 from .experiments import (
+    EXPERIMENTS,
     build_training_set,
     evaluate,
+    evaluate_models,
     evaluate_splits,
     maskcut_filter,
     overlap_flags,
     selftrain_annotations,
+    selftrain_round,
+    selftrain_rounds,
     split_by_overlap,
+    train_experiments,
 )
-from .loop import load_trained, lr_at, read_metrics, save_atomic, train
+from .loop import load_trained, lr_schedule, train
 from .model import (
     ARCHS,
     REFERENCE_MIN_SIZES,
@@ -47,7 +64,7 @@ from .model import (
     masks_to_boxes,
     set_drop_loss,
 )
-from .predict import predict
+from .predict import predict, top_masks
 
 __all__ = [
     "ARCHS",
@@ -56,31 +73,40 @@ __all__ = [
     "build_model",
     "build_training_set",
     "collate",
-    "CONFIG_DIR",
+    "config_from_cli",
     "copy_paste",
-    "DEFAULTS",
+    "CutlerConfig",
     "droploss_fastrcnn_loss",
     "DropLossRoIHeads",
     "evaluate",
+    "evaluate_models",
     "evaluate_splits",
+    "EXPERIMENTS",
     "GroupedStreamBatchSampler",
     "hflip",
     "load_backbone_weights",
     "load_config",
     "load_trained",
-    "lr_at",
+    "lr_schedule",
     "maskcut_filter",
     "masks_to_boxes",
+    "MODEL_KEYS",
+    "model_kwargs",
     "overlap_flags",
     "predict",
     "PseudoMaskDataset",
-    "read_metrics",
+    "RECIPE_DIR",
     "REFERENCE_MIN_SIZES",
-    "save_atomic",
     "selftrain_annotations",
+    "selftrain_config",
+    "selftrain_round",
+    "selftrain_rounds",
     "SELFTRAIN_TRAIN_KEYS",
+    "SelftrainConfig",
     "set_drop_loss",
     "split_by_overlap",
     "StreamSampler",
+    "top_masks",
     "train",
+    "train_experiments",
 ]

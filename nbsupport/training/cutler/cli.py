@@ -2,90 +2,56 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
-import torch
-
-from nbsupport.training.cutler.config import SELFTRAIN_TRAIN_KEYS, load_config
+from nbsupport.core import distributed
+from nbsupport.core.config import add_config_options, config_from_args
+from nbsupport.core.io import atomic_write_json
+from nbsupport.training.cutler.config import RECIPE_DIR, CutlerConfig
 from nbsupport.training.cutler.data import PseudoMaskDataset
-from nbsupport.training.cutler.experiments import evaluate_splits, selftrain_annotations
-from nbsupport.training.cutler.loop import _dist_setup, load_trained, train
+from nbsupport.training.cutler.experiments import evaluate_splits, selftrain_round
+from nbsupport.training.cutler.loop import load_trained, train
 from nbsupport.training.cutler.predict import predict
 
 # --------------------------------------------------------------------------------------------------
 # CLI: python -m nbsupport cutler train|selftrain|predict|eval
 
 
-def _overrides(items) -> dict:
-    import yaml
-
-    out = {}
-    for it in items or []:
-        if "=" not in it:
-            raise SystemExit(f"-o expects key=value, got {it!r}")
-        k, v = it.split("=", 1)
-        out[k] = yaml.safe_load(v)
-    return out
-
-
-def _cfg_from_args(a) -> dict:
-    over = _overrides(a.set)
-    for k in ("train_json", "image_root", "weights", "device"):
-        if getattr(a, k, None) is not None:
-            over[k] = getattr(a, k)
-    return load_config(a.config, over)
+def config_from_cli(args) -> CutlerConfig:
+    """The :class:`CutlerConfig` of parsed options: defaults < ``--config`` recipe < ``-o`` < explicit flags."""
+    return config_from_args(CutlerConfig, args, RECIPE_DIR)
 
 
 def _cmd_train(a) -> int:
-    cfg = _cfg_from_args(a)
-    s = train(cfg, a.out, resume=a.resume, init=a.init, progress=not a.no_progress)
+    try:
+        s = train(config_from_cli(a), a.out, resume=a.resume, init=a.init, progress=not a.no_progress)
+    finally:
+        distributed.cleanup()
     print(json.dumps(s))
     return 0
 
 
 def _cmd_selftrain(a) -> int:
-    cfg = _cfg_from_args(a)
-    st = cfg["selftrain"]
-    r = int(a.round)
-    thr = st["score_thresh"][min(r, len(st["score_thresh"])) - 1]
-    rank, world, _, device = _dist_setup(cfg)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    next_json = out / f"pseudo_round{r}.json"
-    # rank 0 relabels (once: idempotent on resume, written atomically); the other ranks wait for the file
-    if rank == 0 and not next_json.is_file():
-        model = load_trained(a.init, device=device)
-        ds = PseudoMaskDataset(cfg["train_json"], cfg.get("image_root"), train=False)
-        preds = predict(model, ds, device, detections=st["detections"], progress=not a.no_progress)
-        nxt = selftrain_annotations(ds.data, preds, thr, st["keep_iou"])
-        tmp = next_json.with_name(next_json.name + ".tmp")
-        tmp.write_text(json.dumps(nxt))
-        os.replace(tmp, next_json)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-    cfg2 = dict(
-        cfg,
-        **{k: st[k] for k in SELFTRAIN_TRAIN_KEYS if k in st},
-        train_json=str(next_json),
-        image_root=cfg.get("image_root") or str(Path(cfg["train_json"]).parent / "images"),
-    )
-    s = train(cfg2, out / "train", resume=a.resume, init=a.init, progress=not a.no_progress)
-    print(json.dumps({**s, "pseudo_labels": str(next_json), "score_thresh": thr}))
+    cfg = config_from_cli(a)
+    if not cfg.train_json:
+        raise SystemExit("selftrain needs --train-json: the previous round's pseudo-labels (round 1: MaskCut's)")
+    if not a.init:
+        raise SystemExit("selftrain needs --init: the detector of the previous round")
+    try:
+        s = selftrain_round(cfg, cfg.train_json, cfg.image_root, a.init, a.out, a.round, a.resume, not a.no_progress)
+    finally:
+        distributed.cleanup()
+    print(json.dumps(s))
     return 0
 
 
 def _cmd_predict(a) -> int:
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.resolve_device(a.device or "auto")
     model = load_trained(a.checkpoint, device=device)
     ds = PseudoMaskDataset(a.json, a.image_root, train=False)
     preds = predict(model, ds, device, detections=a.detections, progress=True)
-    Path(a.out).write_text(json.dumps(preds))
+    atomic_write_json(a.out, preds)
     print(f"{len(preds)} detections on {len(ds)} images -> {a.out}")
     return 0
 
@@ -104,15 +70,16 @@ def add_cli(subparsers) -> None:
     sub = p.add_subparsers(dest="cutler_command", metavar="ACTION", required=True)
 
     def common(q):
-        q.add_argument("--config", default="paper", help="recipe (smoke|paper|...) or YAML path")
-        q.add_argument("--train-json", dest="train_json", help="MaskCut / pseudo-label COCO JSON")
-        q.add_argument("--image-root", dest="image_root", help="image folder (default: images/ beside the JSON)")
-        q.add_argument("--weights", help="ResNet backbone weights (e.g. DINO ResNet-50); default random init")
-        q.add_argument("--device", help="cpu | cuda | auto")
-        q.add_argument("--out", required=True, help="output folder (checkpoints, metrics.jsonl)")
+        add_config_options(
+            q,
+            CutlerConfig,
+            recipe_option="--config",
+            recipe_default="paper",
+            recipe_help="recipe: smoke | paper (nbsupport/training/cutler/recipes) or a YAML path",
+        )
+        q.add_argument("--out", required=True, help="output folder (config.yaml, checkpoints, metrics.jsonl)")
         q.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.pth")
         q.add_argument("--init", help="detector checkpoint to start from")
-        q.add_argument("-o", "--set", action="append", metavar="KEY=VALUE", help="config override (YAML value)")
         q.add_argument("--no-progress", action="store_true")
 
     t = sub.add_parser("train", help="train on pseudo-masks (torchrun for multi-GPU)")
@@ -128,7 +95,7 @@ def add_cli(subparsers) -> None:
     q.add_argument("--image-root")
     q.add_argument("--out", required=True)
     q.add_argument("--detections", type=int, default=100)
-    q.add_argument("--device")
+    q.add_argument("--device", help="cpu | cuda | auto (default)")
     q.set_defaults(func=_cmd_predict)
     e = sub.add_parser("eval", help="class-agnostic box/segm AP, AP50 on all / without / only overlapping")
     e.add_argument("--gt", required=True)
@@ -136,11 +103,3 @@ def add_cli(subparsers) -> None:
     e.add_argument("--overlap-by", default="box", choices=["box", "mask"])
     e.add_argument("--out", help="CSV of the table")
     e.set_defaults(func=_cmd_eval)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m nbsupport.cutler_engine")
-    sub = ap.add_subparsers(dest="command")
-    add_cli(sub)
-    a = ap.parse_args(["cutler", *(argv if argv is not None else sys.argv[1:])])
-    return int(a.func(a) or 0)

@@ -1,5 +1,6 @@
 """The thesis experiments around CutLER (Tables 1-2): training sets (all, no-overlap, MaskCut-filter),
-self-training labels, evaluation splits by overlap and class-agnostic box / mask AP.
+self-training labels and rounds, evaluation splits by overlap and class-agnostic box / mask AP, and the
+experiment flow notebook 06 and ``python -m nbsupport cutler selftrain`` run.
 """
 
 from __future__ import annotations
@@ -9,7 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from nbsupport.core import distributed
+from nbsupport.core.io import atomic_write_json
 from nbsupport.data import coco
+from nbsupport.training.cutler.config import CutlerConfig, selftrain_config
+from nbsupport.training.cutler.data import PseudoMaskDataset
+from nbsupport.training.cutler.loop import load_trained, train
+from nbsupport.training.cutler.predict import predict
 
 # --------------------------------------------------------------------------------------------------
 # Self-training and the thesis experiment sets
@@ -198,7 +205,7 @@ def split_by_overlap(gt: dict, by: str = "box") -> dict[str, dict]:
 
 
 def evaluate(gt, detections: list[dict]) -> dict:
-    """Class-agnostic box and segm COCO metrics (percent) via :func:`nbsupport.metrics.coco_ap`;
+    """Class-agnostic box and segm COCO metrics (percent) via :func:`nbsupport.analysis.metrics.coco_ap`;
     detections of images not in ``gt`` are ignored. ``{"box": {...}, "segm": {...}}``."""
     from nbsupport.analysis.metrics import coco_ap
 
@@ -230,3 +237,121 @@ def evaluate_splits(gt, detections: list[dict], by: str = "box"):
             }
         )
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# The experiment flow: Tables 1-2 training sets and detectors, self-training rounds
+
+EXPERIMENTS = ("all", "no-overlap", "maskcut-filter")
+
+
+def train_experiments(
+    cfg: CutlerConfig, maskcut: dict, image_root, out_dir, experiments=("all",), device=None, progress: bool = True
+) -> dict[str, dict]:
+    """One detector per training set of Tables 1-2, trained with ``cfg`` on the images in ``image_root``: the
+    sets "all" and "no-overlap" (images with overlapping pseudo-masks dropped) of the MaskCut pseudo-masks
+    ``maskcut`` (a COCO dict) in the order listed, then "maskcut-filter" (:func:`maskcut_filter` of the "all"
+    detector's predictions on the training images; needs "all"). Run ``name`` lives in ``out_dir/<name>``, its
+    set in ``out_dir/set_<name>.json``; an empty set is skipped with a warning. Returns ``{name: {"set": COCO
+    dict, "model": path of model_final.pth, "summary": train()'s summary}}`` in training order."""
+    bad = [e for e in experiments if e not in EXPERIMENTS]
+    if bad:
+        raise ValueError(f"unknown experiments {bad}; choose from {EXPERIMENTS}")
+    out, runs = Path(out_dir), {}
+    device = device or distributed.resolve_device(cfg.device)
+
+    def run(name: str, data: dict) -> None:
+        if not data["annotations"]:
+            warnings.warn(f"training set {name!r} is empty here: not trained", RuntimeWarning, stacklevel=3)
+            return
+        ds = PseudoMaskDataset(atomic_write_json(out / f"set_{name}.json", data), image_root)
+        summary = train(cfg, out / name, dataset=ds, progress=progress)
+        runs[name] = {"set": data, "model": out / name / "model_final.pth", "summary": summary}
+
+    for name in [e for e in experiments if e != "maskcut-filter"]:
+        run(name, build_training_set(maskcut, name, drop="images"))
+    if "maskcut-filter" in experiments:
+        if "all" not in runs:
+            warnings.warn("maskcut-filter needs the detector trained on 'all': not trained", RuntimeWarning)
+        else:
+            model = load_trained(runs["all"]["model"], device=device)
+            preds = predict(model, PseudoMaskDataset(None, image_root, train=False, data=maskcut), device)
+            run("maskcut-filter", build_training_set(maskcut, "maskcut-filter", predictions=preds))
+    return runs
+
+
+def evaluate_models(models: dict, dataset, device="cpu", baselines: dict | None = None):
+    """The Tables 1-2 layout for several detectors: each ``models[name]`` checkpoint predicts on ``dataset`` (a
+    :class:`PseudoMaskDataset` with ``train=False`` holding the ground truth) and is scored by
+    :func:`evaluate_splits` (rows labelled ``CutLER (<name>)``), then each ``baselines[label]`` list of
+    detections (e.g. ``"MaskCut alone"``: MaskCut's masks, score 1). Returns ``(table, {name: predictions})``."""
+    import pandas as pd
+
+    tables, predictions = [], {}
+    for name, path in models.items():
+        predictions[name] = predict(load_trained(path, device=device), dataset, device)
+        tables.append(evaluate_splits(dataset.data, predictions[name]).assign(model=f"CutLER ({name})"))
+    for label, dets in (baselines or {}).items():
+        tables.append(evaluate_splits(dataset.data, dets).assign(model=label))
+    return (pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()), predictions
+
+
+def selftrain_round(
+    cfg: CutlerConfig,
+    labels_json,
+    image_root,
+    init,
+    out_dir,
+    round_number: int = 1,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """One CutLER self-training round (thesis 3.3). The detector ``init`` predicts on the images of
+    ``labels_json`` (``cfg.selftrain.detections`` per image); its predictions scoring at least the round's
+    threshold (``cfg.selftrain.score_thresh``: 0.7 in round 1, 0.65 after) plus the previous masks that none
+    of them covers (mask IoU < ``keep_iou``) become ``out_dir/pseudo_round<r>.json`` (written once, by rank 0,
+    atomically: a resumed round reuses it), and a detector is trained on them from ``init`` in
+    ``out_dir/train`` with the ``selftrain`` schedule (DropLoss off, copy-paste U(0.5, 1)). ``image_root``:
+    the images (default: ``images/`` beside ``labels_json``). Returns the training summary with
+    ``pseudo_labels``, ``score_thresh``, ``pseudo_masks`` (their number, when this call made them) and
+    ``model`` (the new ``model_final.pth``)."""
+    if round_number < 1:
+        raise ValueError(f"round_number must be >= 1, got {round_number}")
+    st = cfg.selftrain
+    thr = st.score_thresh[min(round_number, len(st.score_thresh)) - 1]
+    image_root = str(image_root or Path(labels_json).parent / "images")
+    ctx = distributed.setup(cfg.device)
+    out = Path(out_dir)
+    next_json = out / f"pseudo_round{round_number}.json"
+    n_masks = None
+    if ctx.is_main and not next_json.is_file():
+        model = load_trained(init, device=ctx.device)
+        ds = PseudoMaskDataset(labels_json, image_root, train=False)
+        preds = predict(model, ds, ctx.device, detections=st.detections, progress=progress)
+        labels = selftrain_annotations(ds.data, preds, thr, st.keep_iou)
+        atomic_write_json(next_json, labels)
+        n_masks = len(labels["annotations"])
+    distributed.barrier()  # the other ranks wait for the labels
+    round_cfg = selftrain_config(cfg, train_json=str(next_json), image_root=image_root)
+    summary = train(round_cfg, out / "train", resume=resume, init=init, progress=progress)
+    return {
+        **summary,
+        "pseudo_labels": str(next_json),
+        "score_thresh": thr,
+        "pseudo_masks": n_masks,
+        "model": str(out / "train" / "model_final.pth"),
+    }
+
+
+def selftrain_rounds(
+    cfg: CutlerConfig, labels_json, image_root, init, out_dir, rounds: int, progress: bool = True
+) -> list[dict]:
+    """``rounds`` chained :func:`selftrain_round` calls in ``out_dir/round<r>``: round ``r`` relabels with the
+    detector and the pseudo-labels of round ``r - 1`` (round 1: ``init`` and ``labels_json``), on the images in
+    ``image_root`` (default: ``images/`` beside ``labels_json``). Returns each round's result."""
+    results, image_root = [], image_root or Path(labels_json).parent / "images"
+    for r in range(1, rounds + 1):
+        res = selftrain_round(cfg, labels_json, image_root, init, Path(out_dir) / f"round{r}", r, progress=progress)
+        results.append(res)
+        labels_json, init = res["pseudo_labels"], res["model"]
+    return results

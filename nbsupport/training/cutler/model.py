@@ -257,7 +257,6 @@ def build_model(
     box_batch_size_per_image: int = 512,
     trainable_layers: int = 5,
     representation_size: int = 1024,
-    **_ignored,
 ) -> nn.Module:
     """Class-agnostic Mask R-CNN with the CutLER settings (see module docstring).
 
@@ -266,7 +265,8 @@ def build_model(
     or ``None`` (random init; nothing is downloaded). BatchNorm layers are trainable ``nn.BatchNorm2d``
     (the reference trains SyncBN with FREEZE_AT 0); ``trainable_layers`` 0..5 freezes early stages.
     ``representation_size``: width of the two-FC box head (1024 as torchvision and detectron2; smaller only
-    for fast CPU tests; ``resnet50_v2`` keeps its own conv head).
+    for fast CPU tests; ``resnet50_v2`` keeps its own conv head). A misspelt keyword is a ``TypeError`` (it
+    would otherwise leave a setting silently at its default).
     """
     import torchvision.models.detection as D
     from torchvision.models import resnet

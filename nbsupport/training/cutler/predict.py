@@ -29,7 +29,7 @@ def predict(
     progress: bool = False,
 ) -> list[dict]:
     """COCO result dicts (``image_id``, ``category_id`` 1, ``bbox`` xywh, ``segmentation`` RLE, ``score``)
-    for every readable image of ``dataset`` (a :class:`~nbsupport.cutler.PseudoMaskDataset`, e.g. with
+    for every readable image of ``dataset`` (a :class:`~nbsupport.training.cutler.data.PseudoMaskDataset`, e.g. with
     ``train=False``). ``detections`` overrides the model's per-image cap (30 for self-training)."""
     m = getattr(model, "module", model)
     saved = m.roi_heads.detections_per_img
@@ -63,3 +63,18 @@ def predict(
     finally:
         m.roi_heads.detections_per_img = saved
     return results
+
+
+def top_masks(
+    predictions: list[dict], image_id: int, shape, min_score: float = 0.5, max_masks: int = 5, fallback: int = 3
+) -> np.ndarray:
+    """The masks a figure shows for one image: bool ``[N, H, W]`` of its detections scoring ``>= min_score``
+    (best first, at most ``max_masks``), or its ``fallback`` best when none does (thesis Fig 1)."""
+    from pycocotools import mask as mu
+
+    dets = sorted((d for d in predictions if d["image_id"] == image_id), key=lambda d: -d["score"])
+    keep = [d for d in dets if d["score"] >= min_score][:max_masks] or dets[:fallback]
+    if not keep:
+        return np.zeros((0, *shape), bool)
+    rles = [dict(d["segmentation"], counts=d["segmentation"]["counts"].encode("ascii")) for d in keep]
+    return np.stack([mu.decode(r).astype(bool) for r in rles])

@@ -18,17 +18,20 @@ The patch term has its own centre. With ``dense_weight=0`` it is plain DINO.
 Runs on CPU (tests, the tiny offline model), one GPU (bf16 autocast) or several with ``torchrun`` (DDP;
 centres averaged across processes). Data: the synthetic scene world rendered on the fly (seeded, endless)
 or an image folder (``--data PATH``). Checkpoints are written atomically; a run resumes by default with
-the same data order and schedules.
+the same data order and schedules. :class:`Config` holds the defaults and ``recipes/*.yaml`` what a named run
+changes (one mechanism for every trainer: :mod:`nbsupport.core.config`).
 
     python -m nbsupport dino train --out runs/dino --steps 6000 --max-minutes 50
+    python -m nbsupport dino train --recipe tiny_dino_synth --out runs/tiny_dino   # the shipped tiny DINO
     python -m nbsupport dino export runs/dino/checkpoint.pth --out data/weights/tiny_dino_synth.safetensors
 """
 
 from __future__ import annotations
 
-from .config import ARCHS, Config, resolve_arch
+from .cli import config_from_cli
+from .config import ARCHS, RECIPE_DIR, Config, resolve_arch
 from .crops import CropBatches, MultiCrop, block_mask, sample_box
-from .loop import build_networks, cosine_schedule, crop_stream, export_teacher, schedules, train
+from .loop import build_networks, crop_stream, export_teacher, schedules, train
 from .losses import (
     CENTERINGS,
     DensePatchLoss,
@@ -50,7 +53,7 @@ __all__ = [
     "CENTERINGS",
     "check_centering",
     "Config",
-    "cosine_schedule",
+    "config_from_cli",
     "crop_stream",
     "CropBatches",
     "DensePatchLoss",
@@ -65,6 +68,7 @@ __all__ = [
     "MultiCrop",
     "Network",
     "patch_centres",
+    "RECIPE_DIR",
     "resolve_arch",
     "sample_box",
     "schedules",

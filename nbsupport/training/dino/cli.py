@@ -2,37 +2,43 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-from dataclasses import asdict
 
-from nbsupport.training.dino.config import Config
+from nbsupport.core import distributed
+from nbsupport.core.config import add_config_options, config_from_args
+from nbsupport.training.dino.config import RECIPE_DIR, Config
 from nbsupport.training.dino.crops import CropBatches
 from nbsupport.training.dino.loop import export_teacher, train
 from nbsupport.training.dino.losses import CENTERINGS
 
 
-def add_cli(subparsers) -> None:
-    from nbsupport.core.cli import cli_bool
+def config_from_cli(args) -> Config:
+    """The :class:`Config` of parsed ``dino train`` options: defaults < ``--recipe`` < ``-o`` < flags."""
+    return config_from_args(Config, args, RECIPE_DIR)
 
+
+def add_cli(subparsers) -> None:
     p = subparsers.add_parser("dino", help="DINO self-distillation: train a ViT, export its teacher")
     sub = p.add_subparsers(dest="dino_cmd", required=True)
     t = sub.add_parser(
         "train",
         help="train (resumes from OUT/checkpoint.pth when present)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Every Config field is an option; --recipe NAME|PATH and -o key=value set several at once "
+        "(explicit options win over -o, -o over the recipe).",
     )
-    for f, v in asdict(Config()).items():
-        typ = cli_bool if isinstance(v, bool) else type(v)
-        choices = {"appearance": CropBatches.APPEARANCES, "centering": CENTERINGS}.get(f)
-        t.add_argument(f"--{f.replace('_', '-')}", type=typ, default=v, choices=choices)
+    add_config_options(
+        t,
+        Config,
+        recipe_help="recipe: a name in nbsupport/training/dino/recipes (tiny_dino_synth) or a YAML path",
+        choices={"appearance": CropBatches.APPEARANCES, "centering": CENTERINGS},
+    )
     t.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
-    t.add_argument("--max-steps", type=int, default=None, help="stop early (schedules still span --steps)")
-    t.add_argument("--max-minutes", type=float, default=None, help="stop after this wall-clock time")
 
     def _train(a):
-        cfg = Config(**{f: getattr(a, f) for f in asdict(Config())})
-        last = train(cfg, resume=not a.no_resume, max_steps=a.max_steps, max_minutes=a.max_minutes)
+        try:
+            last = train(config_from_cli(a), resume=not a.no_resume)
+        finally:
+            distributed.cleanup()
         print(json.dumps(last))
         return 0
 

@@ -1,11 +1,18 @@
-"""A DINO run's configuration: every field is a ``dino train`` option; named architectures."""
+"""A DINO run's configuration: the dataclass of defaults (every field is a ``dino train`` option), its YAML
+recipes in ``recipes/`` (only what differs from the defaults), named architectures."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 from nbsupport.training.dino.crops import CropBatches
 from nbsupport.training.dino.losses import check_centering
+
+#: Recipes for ``dino train --recipe NAME`` (e.g. ``tiny_dino_synth``, the run of the shipped weights).
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
 
 # --------------------------------------------------------------------------------------------------
 # Training
@@ -13,6 +20,10 @@ from nbsupport.training.dino.losses import check_centering
 
 @dataclass
 class Config:
+    """Every setting of a DINO run, with its default (thesis 3.2: multi-crop, Eq 10 teacher EMA, Eq 11 loss)."""
+
+    CONFIG_NAME: ClassVar[str] = "DINO"
+
     out: str = "runs/dino"
     arch: str = "custom"  # custom (the fields below) | small (ViT-S/8) | base (ViT-B/8)
     patch_size: int = 8
@@ -44,6 +55,8 @@ class Config:
     koleo_weight: float = 0.0  # KoLeo spreading term on the student's global-crop CLS features (DINOv2; 0 = off)
     mask_ratio: float = 0.0  # iBOT masking of the student's global crops (0 = off; needs dense_weight)
     steps: int = 1000
+    max_steps: int = 0  # > 0: stop after this step (the schedules still span `steps`); 0 = run all `steps`
+    max_minutes: float = 0.0  # > 0: stop (with a checkpoint) after this wall-clock time
     batch_size: int = 32
     lr: float = 5e-4  # for batch 256, scaled linearly
     min_lr: float = 1e-6
@@ -80,6 +93,10 @@ def resolve_arch(cfg: Config) -> Config:
     elif cfg.arch != "custom":
         raise ValueError(f"arch must be one of custom, {', '.join(ARCHS)}; got {cfg.arch!r}")
     check_centering(cfg.centering)
+    if cfg.max_steps < 0 or cfg.max_minutes < 0:
+        raise ValueError(
+            f"max_steps and max_minutes must be >= 0 (0 = no limit), got {cfg.max_steps}, {cfg.max_minutes}"
+        )
     if cfg.embed_dim % cfg.num_heads:
         raise ValueError(f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}")
     if not 0 < cfg.global_scale_min <= cfg.global_scale_max <= 1:

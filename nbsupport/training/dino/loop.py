@@ -5,7 +5,6 @@ export of the teacher backbone.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,23 +13,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from nbsupport.core import distributed
+from nbsupport.core.config import config_from_dict, write_config
 from nbsupport.models import backbones
+from nbsupport.training.common import (
+    MetricsLog,
+    StepLogger,
+    cosine_schedule,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
 from nbsupport.training.dino.config import Config, resolve_arch
 from nbsupport.training.dino.crops import CropBatches, MultiCrop
 from nbsupport.training.dino.losses import DensePatchLoss, DINOLoss, koleo_loss
 from nbsupport.training.dino.model import DINOHead, Network, ema_update
-
-
-def cosine_schedule(base: float, final: float, steps: int, warmup_steps: int = 0, start: float = 0.0) -> np.ndarray:
-    """``[steps]``: linear warm-up from ``start`` to ``base`` over ``warmup_steps``, then cosine from ``base``
-    to ``final``: ``final + (base - final) (1 + cos(pi t / T)) / 2`` for ``t = 0..T-1``."""
-    if warmup_steps > steps:
-        raise ValueError(f"warmup_steps ({warmup_steps}) must not exceed steps ({steps})")
-    warm = np.linspace(start, base, warmup_steps, endpoint=False) if warmup_steps else np.zeros(0)
-    rest = steps - warmup_steps
-    t = np.arange(rest)
-    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(rest, 1)))
-    return np.concatenate([warm, cos])
 
 
 def schedules(cfg: Config, world: int = 1) -> dict[str, np.ndarray]:
@@ -49,12 +46,6 @@ def schedules(cfg: Config, world: int = 1) -> dict[str, np.ndarray]:
         "momentum": cosine_schedule(cfg.momentum, 1.0, n),
         "teacher_temp": temp,
     }
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _arch(cfg: Config) -> backbones.Arch:
@@ -82,32 +73,24 @@ def build_networks(cfg: Config):
 def _save_backbone(bb: nn.Module, cfg: Config, path: Path, step: int, description: str) -> Path:
     bb.nbs_info = {"num_heads": cfg.num_heads}
     try:
-        recipe = json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "workers")})
+        skip = ("out", "device", "workers", "max_minutes")
+        recipe = json.dumps({k: v for k, v in asdict(cfg).items() if k not in skip})
         return backbones.save_safetensors(bb, path, description=description, steps=str(step), recipe=recipe)
     finally:
         del bb.nbs_info
 
 
-def train(
-    cfg: Config, resume: bool = True, log=print, max_steps: int | None = None, max_minutes: float | None = None
-) -> dict:
+def train(cfg: Config, resume: bool = True, log=print) -> dict:
     """Train (or continue) a DINO run in ``cfg.out``; returns the last metrics row.
 
-    ``max_steps`` / ``max_minutes`` stop early (tests, a wall-clock-bounded session) without changing the
-    schedules, which always span ``cfg.steps``; a checkpoint is written at the stop. Writes
-    ``checkpoint.pth`` (atomic), ``metrics.jsonl`` (one row per step) and ``config.json``."""
-    from tqdm.auto import tqdm
-
+    ``cfg.max_steps`` / ``cfg.max_minutes`` stop early (tests, a wall-clock-bounded session) without changing
+    the schedules, which always span ``cfg.steps``; a checkpoint is written at the stop. Writes
+    ``checkpoint.pth`` (atomic), ``metrics.jsonl`` (one row per step; cut back to the checkpoint on resume)
+    and ``config.yaml``. Under ``torchrun`` the student is wrapped in DDP and rank 0 writes."""
     cfg = resolve_arch(cfg)
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1
-    if ddp:
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
+    ctx = distributed.setup(cfg.device)
+    rank, world, device = ctx.rank, ctx.world, ctx.device
+    seed_everything(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     student, teacher, arch = build_networks(cfg)
@@ -131,8 +114,9 @@ def train(
     sch = schedules(cfg, world)
     step = 0
     ckpt = out / "checkpoint.pth"
+    metrics = MetricsLog(out, enabled=ctx.is_main)
     if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        state = load_checkpoint(ckpt)
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         opt.load_state_dict(state["optimizer"])
@@ -140,16 +124,13 @@ def train(
         if "dense_loss" in state:
             dense_fn.load_state_dict(state["dense_loss"])
         step = int(state["step"])
+        metrics.start(resume_keep=lambda r, s=step: r.get("step", 0) <= s)
         log(f"resumed from {ckpt} at step {step}")
-    elif rank == 0 and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
-    if rank == 0:
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    model = (
-        torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-        if ddp
-        else student
-    )
+    else:
+        metrics.start(resume_keep=None)  # a fresh run starts a fresh log
+    if ctx.is_main:
+        write_config(cfg, out)
+    model = distributed.wrap_ddp(student, ctx)
     files = None
     if cfg.data != "synthetic":
         from nbsupport.data.images import list_images
@@ -159,14 +140,14 @@ def train(
     loader = torch.utils.data.DataLoader(
         data, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda"
     )
-    stop = min(cfg.steps, max_steps if max_steps is not None else cfg.steps)
-    deadline = time.time() + 60 * max_minutes if max_minutes else None
-    bar = tqdm(total=stop, initial=step, desc="dino", unit="step", disable=rank != 0)
-    metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    stop = min(cfg.steps, cfg.max_steps or cfg.steps)
+    deadline = time.time() + 60 * cfg.max_minutes if cfg.max_minutes else None
+    bar = StepLogger(metrics, stop, step, log_every=1, desc="dino", unit="step", main=ctx.is_main)
 
     def save():
-        if rank == 0:
-            _atomic_save(
+        if ctx.is_main:
+            save_checkpoint(
+                ckpt,
                 {
                     "student": student.state_dict(),
                     "teacher": teacher.state_dict(),
@@ -176,11 +157,10 @@ def train(
                     "step": step,
                     "config": json.dumps(asdict(cfg)),
                 },
-                ckpt,
             )
 
     last, saved_at = {}, step
-    t0, step0 = time.time(), step
+    t0 = time.time()
     it = iter(loader)
     try:
         while step < stop:
@@ -223,7 +203,7 @@ def train(
             opt.step()
             ema_update(teacher, student, float(sch["momentum"][step]))
             step += 1
-            last = {
+            row = {
                 "step": step,
                 "loss": loss.item(),
                 "cls_loss": cls_loss.item(),
@@ -237,18 +217,13 @@ def train(
                 "momentum": float(sch["momentum"][step - 1]),
                 "teacher_temp": temp,
                 "grad_norm": float(gnorm),
-                "images_per_s": (step - step0) * cfg.batch_size * world / max(time.time() - t0, 1e-9),
                 "elapsed_s": time.time() - t0,
             }
-            if metrics_f:
-                metrics_f.write(json.dumps(last) + "\n")
-                metrics_f.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.3f}")
+            last = bar.step(step, cfg.batch_size * world, row, loss=row["loss"]) or row
             if step % cfg.checkpoint_every == 0:
                 save()
                 saved_at = step
-            if rank == 0 and cfg.snapshot_every and step % cfg.snapshot_every == 0:
+            if ctx.is_main and cfg.snapshot_every and step % cfg.snapshot_every == 0:
                 _save_backbone(
                     teacher.backbone,
                     cfg,
@@ -257,24 +232,20 @@ def train(
                     f"DINO teacher at step {step}",
                 )
             if deadline and time.time() > deadline:
-                log(f"time budget of {max_minutes} min reached at step {step}")
+                log(f"time budget of {cfg.max_minutes} min reached at step {step}")
                 break
     finally:
         if saved_at != step:
             save()
         bar.close()
-        if metrics_f:
-            metrics_f.close()
-        if ddp:
-            torch.distributed.destroy_process_group()
     return last
 
 
 def export_teacher(ckpt: str | Path, out: str | Path, description: str = "tiny DINO (synthetic world)") -> Path:
     """Write the teacher backbone of a checkpoint as fp32 safetensors (heads, step and the training recipe
-    in the metadata), loadable by :func:`nbsupport.backbones.load`."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    cfg = Config(**json.loads(state["config"]))
+    in the metadata), loadable by :func:`nbsupport.models.backbones.load`."""
+    state = load_checkpoint(ckpt)
+    cfg = config_from_dict(Config, json.loads(state["config"]), f"checkpoint {ckpt}")
     model = backbones.build(_arch(cfg))
     sd = {k[len("backbone.") :]: v for k, v in state["teacher"].items() if k.startswith("backbone.")}
     backbones.load_state(model, sd, str(ckpt))

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nbsupport.core.distributed import all_reduce_mean
+
 # --------------------------------------------------------------------------------------------------
 # Losses
 
@@ -24,13 +26,6 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         dots.fill_diagonal_(-float("inf"))
         nn_idx = dots.argmax(1)
     return -torch.log((z - z[nn_idx]).norm(dim=-1) + eps).mean()
-
-
-def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(x)
-        x /= torch.distributed.get_world_size()
-    return x
 
 
 #: Teacher-target schemes of the CLS and patch terms: EMA centre + sharpen (DINO), or Sinkhorn-Knopp (DINOv2).
@@ -119,7 +114,7 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
-        mean = _all_reduce_mean(teacher_out.reshape(-1, teacher_out.shape[-1]).mean(0, keepdim=True))
+        mean = all_reduce_mean(teacher_out.reshape(-1, teacher_out.shape[-1]).mean(0, keepdim=True))
         self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)
 
 
@@ -250,5 +245,5 @@ class DensePatchLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
-        mean = _all_reduce_mean(teacher_out.mean(0, keepdim=True))
+        mean = all_reduce_mean(teacher_out.mean(0, keepdim=True))
         self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)

@@ -33,7 +33,7 @@ def _class_separability(coco, feats: torch.Tensor, seed: int) -> dict:
 
 def backbone_quality(model, size: int = 128, n_images: int = 200, tau="median", seed: int = 0) -> dict:
     """How much a backbone has learned, on ``n_images`` synthetic validation scenes (``seed``) at ``size`` px
-    (issue 8's three measures): ``patch AUC`` / ``overlap`` of same- vs different-class last-block key
+    (three measures): ``patch AUC`` / ``overlap`` of same- vs different-class last-block key
     cosine similarities (objects only); class-agnostic MaskCut (3 masks, ``tau``) ``mask AP`` / ``mask AP50``
     against the ground truth; ``BB precision``: the fraction of salient best-buddy pairs (last-block keys,
     CLS saliency > 0.05) between consecutive scenes sharing a class that land on the same class."""
@@ -99,7 +99,7 @@ def fft_texture(grey: torch.Tensor, patch: int = 8) -> torch.Tensor:
 def texture_reference(size: int = 128, n_images: int = 200, seed: int = 0, patch: int = 8) -> dict:
     """The class AUC of :func:`backbone_quality` for :func:`fft_texture` of the scenes' grey levels. No
     learning: it shows how much class information a single cell holds on this world (about 0.67 on the
-    200 seed-0 scenes at 128 px, where random keys give 0.5), i.e. that issue 8's +0.15 AUC bar is
+    200 seed-0 scenes at 128 px, where random keys give 0.5), i.e. that a +0.15 AUC target over random keys is
     reachable by a patch feature (``benchmarks/patch_probes.py`` adds a supervised twin)."""
     coco = synthetic_coco(n_images, seed, size, "val")
     grey = torch.stack(

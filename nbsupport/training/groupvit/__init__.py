@@ -12,28 +12,17 @@ Losses (each a plain function of embeddings, tested on hand-computed cases):
 Training (:func:`train`, command ``python -m nbsupport groupvit-train``): choose trainable components
 (Table 5), AdamW, linear warm-up + cosine, AMP on CUDA, gradient clipping 5.0, DDP under ``torchrun``
 with all-gathered embeddings, atomic checkpoints and resume, JSON-lines metrics and zero-shot mIoU on the
-synthetic world's validation split after every epoch.
+synthetic world's validation split after every epoch; the schedule, checkpoints, metrics log and DDP set-up
+are the shared ones (:mod:`nbsupport.training.common`, :mod:`nbsupport.core.distributed`). Configuration:
+:class:`TrainConfig` holds the defaults, ``recipes/*.yaml`` what a named run changes.
 """
 
 from __future__ import annotations
 
-from .cli import RECIPE_EXPORTS, RECIPES, config_from_args
+from .cli import RECIPE_EXPORTS, config_from_args
 from .components import components, init_image_encoder, init_like, set_trainable
-from .config import TrainConfig
-from .loop import (
-    LabelSampler,
-    beats_floors,
-    compute_losses,
-    export_safetensors,
-    gather,
-    gather_objects,
-    load_checkpoint,
-    log,
-    lr_at,
-    read_metrics,
-    save_checkpoint,
-    train,
-)
+from .config import RECIPE_DIR, TrainConfig
+from .loop import LabelSampler, beats_floors, compute_losses, export_safetensors, log, train
 from .losses import (
     affinity_logits,
     contrastive_from_logits,
@@ -58,8 +47,6 @@ __all__ = [
     "dino_distillation_loss",
     "dino_similarity",
     "export_safetensors",
-    "gather",
-    "gather_objects",
     "ge_loss",
     "group_balance_loss",
     "group_label_contrastive",
@@ -68,14 +55,10 @@ __all__ = [
     "init_like",
     "LabelSampler",
     "le_loss",
-    "load_checkpoint",
     "log",
-    "lr_at",
     "multi_label_contrastive",
-    "read_metrics",
+    "RECIPE_DIR",
     "RECIPE_EXPORTS",
-    "RECIPES",
-    "save_checkpoint",
     "se_loss",
     "set_trainable",
     "train",

@@ -1,17 +1,25 @@
-"""A GroupViT training run's configuration: every field is a ``groupvit-train`` option."""
+"""A GroupViT training run's configuration: the dataclass of defaults (every field is a ``groupvit-train``
+option) and its YAML recipes in ``recipes/`` (only what differs), through :mod:`nbsupport.core.config`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 from nbsupport.data import caption_labels as textmod
 from nbsupport.data.synthetic import OBJECT_SCALE
+
+#: Recipes for ``groupvit-train --recipe NAME`` (``tiny_groupvit_synth``: the offline model's run).
+RECIPE_DIR = Path(__file__).parent / "recipes"
 
 
 # ============================================================================================== training
 @dataclass
 class TrainConfig:
     """Everything a run needs; every field is also a ``groupvit-train`` option (``--field-name``)."""
+
+    CONFIG_NAME: ClassVar[str] = "GroupViT"
 
     out_dir: str = "runs/groupvit-train"
     model: str = "small"  # groupvit.load name or path (official weights to fine-tune, random:<config>)

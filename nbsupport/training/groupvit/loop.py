@@ -7,8 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import os
 import random
 import time
 from pathlib import Path
@@ -18,10 +16,22 @@ import torch
 import torch.nn.functional as F
 
 from nbsupport.analysis.zero_shot import zero_shot_miou
+from nbsupport.core import distributed
+from nbsupport.core.config import write_config
+from nbsupport.core.distributed import all_gather, all_gather_objects
 from nbsupport.data import caption_labels as textmod
 from nbsupport.data.captions import CaptionImages, _collate
 from nbsupport.data.scenes import synthetic_captions, synthetic_class_names, synthetic_scenes
 from nbsupport.models import groupvit as gv
+from nbsupport.training.common import (
+    MetricsLog,
+    StepLogger,
+    load_checkpoint,
+    model_state,
+    save_checkpoint,
+    seed_everything,
+    warmup_cosine_lr,
+)
 from nbsupport.training.groupvit.components import init_image_encoder, init_like, set_trainable
 from nbsupport.training.groupvit.config import TrainConfig
 from nbsupport.training.groupvit.losses import (
@@ -40,49 +50,8 @@ from nbsupport.training.groupvit.losses import (
 log = logging.getLogger(__name__)
 
 
-# ============================================================================================== schedule
-def lr_at(step: int, total: int, warmup: int, base: float, min_lr: float, warmup_lr: float, cycles: int = 1) -> float:
-    """Linear warm-up from ``warmup_lr`` to ``base`` over ``warmup`` steps, then cosine annealing to ``min_lr``
-    in ``cycles`` equal restarts (SGDR; the thesis anneals in 2 cycles) until ``total``."""
-    if step < warmup:
-        return warmup_lr + (base - warmup_lr) * step / max(1, warmup)
-    span = max(1, total - warmup)
-    t = min(1.0, (step - warmup) / span)
-    t = (t * cycles) % 1.0 if t < 1.0 else 1.0
-    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * t))
-
-
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 keeping gradients (``torch.distributed.nn``); identity without DDP."""
-    d = _dist()
-    if d is None or d.get_world_size() == 1:
-        return x
-    import warnings
-
-    from torch.distributed.nn.functional import all_gather  # differentiable (backward: reduce-scatter)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.cat(all_gather(x.contiguous()), 0)
-
-
-def gather_objects(obj: list) -> list:
-    d = _dist()
-    if d is None or d.get_world_size() == 1:
-        return obj
-    out = [None] * d.get_world_size()
-    d.all_gather_object(out, obj)
-    return [x for part in out for x in part]
-
-
 class LabelSampler:
-    """Per-caption labels (:func:`nbsupport.text.extract_labels`) with the caption's candidate pool cached."""
+    """Per-caption labels (:func:`nbsupport.data.caption_labels.extract_labels`) with the caption's candidate pool cached."""
 
     def __init__(self, cfg: TrainConfig, vocabulary=None, seed: int = 0):
         self.cfg, self.vocab = cfg, vocabulary
@@ -108,14 +77,14 @@ def compute_losses(
     dino: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """One forward pass and every loss of the run (weights from ``cfg``): ``{"loss", "itc", "mlc", "ge",
-    "le", "se", "dino"}`` (only the active terms). ``labels``: one :class:`nbsupport.text.Labels` per image."""
+    "le", "se", "dino"}`` (only the active terms). ``labels``: one :class:`nbsupport.data.caption_labels.Labels` per image."""
     core = model.module if hasattr(model, "module") else model
     tok = gv.tokenizer()
     dev = images.device
     L = cfg.context_length
     out = core.encode_image(images)
     cap = core.encode_text(tok(captions, context_length=L).to(dev))
-    img_all, cap_all = gather(out.image_embeds), gather(cap)
+    img_all, cap_all = all_gather(out.image_embeds), all_gather(cap)
     losses = {"itc": image_text_contrastive(img_all, cap_all, core.scale)}
     lab = pad = None
     if labels is not None and cfg.num_labels > 0:
@@ -129,14 +98,14 @@ def compute_losses(
             lab = lab.index_put((torch.nonzero(~pad.reshape(-1))[:, 0],), z.to(lab.dtype))
         lab = lab.reshape(b, k, -1)
         ml_scale = core.multi_label_logit_scale.exp().clamp(max=100)
-        strings = gather_objects([l.raw for l in labels]) if cfg.non_noisy else None
+        strings = [x for part in all_gather_objects([l.raw for l in labels]) for x in part] if cfg.non_noisy else None
         if cfg.w_multi_label:
             losses["mlc"] = cfg.w_multi_label * multi_label_contrastive(
-                img_all, gather(lab), ml_scale, gather(pad), strings
+                img_all, all_gather(lab), ml_scale, all_gather(pad), strings
             )
         if cfg.w_group_label:
             losses["glc"] = cfg.w_group_label * group_label_contrastive(
-                gather(out.group_embeds), gather(lab), ml_scale, gather(pad), strings
+                all_gather(out.group_embeds), all_gather(lab), ml_scale, all_gather(pad), strings
             )
     if cfg.w_ge:
         losses["ge"] = cfg.w_ge * ge_loss(out.attn)
@@ -175,31 +144,8 @@ class _LossModule(torch.nn.Module):
         return compute_losses(self.model, images, captions, labels, self.cfg, self.dino)
 
 
-def save_checkpoint(path, model, optimizer=None, scaler=None, **meta) -> Path:
-    """Atomic checkpoint (write ``<path>.tmp``, then ``os.replace``) holding tensors, numbers and strings only,
-    so :func:`load_checkpoint` reads it with ``weights_only=True``."""
-    core = model.module if hasattr(model, "module") else model
-    state = {
-        "model": {k: v.detach().cpu() for k, v in core.state_dict().items()},
-        "optimizer": optimizer.state_dict() if optimizer is not None else {},
-        "scaler": scaler.state_dict() if scaler is not None else {},
-        **meta,
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def load_checkpoint(path) -> dict:
-    """A checkpoint written by :func:`save_checkpoint` (``weights_only=True``: no code from the file runs)."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
-
-
 def export_safetensors(model, path, description: str = "") -> Path:
-    """The model's weights as ``.safetensors`` (loadable by :func:`nbsupport.groupvit.load`)."""
+    """The model's weights as ``.safetensors`` (loadable by :func:`nbsupport.models.groupvit.load`)."""
     from safetensors.torch import save_file
 
     core = model.module if hasattr(model, "module") else model
@@ -213,47 +159,22 @@ def export_safetensors(model, path, description: str = "") -> Path:
     return path
 
 
-def _append_jsonl(path: Path, rec: dict):
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
-def read_metrics(path) -> list[dict]:
-    """Records of a run's ``metrics.jsonl``."""
-    path = Path(path)
-    path = path / "metrics.jsonl" if path.is_dir() else path
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-
-
 def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None) -> dict:
     """Train / fine-tune a GroupViT (see the module docstring); returns ``{"model", "out_dir", "history",
     "val"}``. Under ``torchrun`` each process trains on its shard; rank 0 writes ``out_dir``: ``last.pt``
-    (atomic, resumed when ``cfg.resume``), ``metrics.jsonl``, ``config.json``, ``final.safetensors``."""
+    (atomic, resumed when ``cfg.resume``), ``metrics.jsonl`` (cut back to the checkpoint on resume),
+    ``config.yaml``, ``final.safetensors``."""
     cfg.validate()
     t0 = time.time()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    world, rank, local = (
-        int(os.environ.get("WORLD_SIZE", 1)),
-        int(os.environ.get("RANK", 0)),
-        int(os.environ.get("LOCAL_RANK", 0)),
-    )
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    dev = torch.device(f"cuda:{local}" if use_cuda else "cpu")
-    if world > 1 and _dist() is None:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        if use_cuda:
-            torch.cuda.set_device(dev)
-    main = rank == 0
-    random.seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    torch.manual_seed(cfg.seed)
+    ctx = distributed.setup(cfg.device)
+    world, rank, dev, main = ctx.world, ctx.rank, ctx.device, ctx.is_main
+    seed_everything(cfg.seed, rank)
     out_dir = Path(cfg.out_dir)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        write_config(cfg, out_dir)
 
     # data
     if cfg.data == "synthetic":
@@ -332,6 +253,7 @@ def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None) -> 
     steps_per_epoch, step, start_epoch = len(loader), 0, 0
     total = cfg.epochs * steps_per_epoch
     warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    metrics = MetricsLog(out_dir, enabled=main)
     if resuming:
         st = load_checkpoint(ckpt)
         model.load_state_dict(st["model"])
@@ -340,25 +262,25 @@ def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None) -> 
         if scaler is not None and st.get("scaler"):
             scaler.load_state_dict(st["scaler"])
         step, start_epoch = int(st["step"]), int(st["epoch"])
+        metrics.start(resume_keep=lambda r, s=step: r.get("step", 0) <= s)
         if main:
             log.info("groupvit-train: resumed from %s at epoch %d step %d", ckpt, start_epoch, step)
-    net = _LossModule(model, cfg, dino)
-    if world > 1:  # the forward must go through DDP for its gradient all-reduce
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[local] if use_cuda else None, find_unused_parameters=True
-        )
+    else:
+        metrics.start(resume_keep=None)
+    # the forward must go through DDP for its gradient all-reduce
+    net = distributed.wrap_ddp(_LossModule(model, cfg, dino), ctx, find_unused_parameters=True)
     val_data = synthetic_scenes(cfg.val_images, cfg.seed, cfg.val_size) if (main and cfg.val_images) else None
     names, bgs = synthetic_class_names(cfg.val_class_names)
-    metrics_path = out_dir / "metrics.jsonl"
     history, val = [], None
     stop = False
+    logger = StepLogger(metrics, total, step, cfg.log_every, always=(1,), desc="groupvit", main=main)
     for epoch in range(start_epoch, cfg.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
         g.manual_seed(cfg.seed + epoch)
         model.train()
         for images, caps in loader:
-            lr = lr_at(step, total, warm, cfg.lr, cfg.min_lr, cfg.warmup_lr, cfg.cycles)
+            lr = warmup_cosine_lr(step, total, warm, cfg.lr, cfg.min_lr, cfg.warmup_lr, cfg.cycles)
             for grp in opt.param_groups:
                 grp["lr"] = lr
             captions = [labeler.rng.choice(c) for c in caps]
@@ -379,7 +301,8 @@ def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None) -> 
             else:
                 opt.step()
             step += 1
-            if main and (step % cfg.log_every == 0 or step == 1):
+            rec = None
+            if logger.due(step):
                 rec = {
                     "type": "train",
                     "epoch": epoch,
@@ -389,7 +312,8 @@ def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None) -> 
                     "minutes": (time.time() - t0) / 60,
                     **{k: float(v.detach()) for k, v in losses.items()},
                 }
-                _append_jsonl(metrics_path, rec)
+            rec = logger.step(step, len(images) * world, rec, loss=float(losses["loss"].detach()))
+            if rec is not None:
                 history.append(rec)
                 if progress:
                     progress(rec)
@@ -399,7 +323,15 @@ def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None) -> 
         done_epoch = epoch + (0 if stop else 1)
         if main:
             save_checkpoint(
-                ckpt, model, opt, scaler, epoch=done_epoch, step=step, config=json.dumps(dataclasses.asdict(cfg))
+                ckpt,
+                {
+                    "model": model_state(model),
+                    "optimizer": opt.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else {},
+                    "epoch": done_epoch,
+                    "step": step,
+                    "config": json.dumps(dataclasses.asdict(cfg)),
+                },
             )
             if val_data is not None:
                 r = zero_shot_miou(model, *val_data, names, bgs)
@@ -411,7 +343,7 @@ def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None) -> 
                     "iou": r["iou"],
                     "minutes": (time.time() - t0) / 60,
                 }
-                _append_jsonl(metrics_path, val)
+                metrics.append(val)
                 history.append(val)
                 if progress:
                     progress(val)
@@ -419,6 +351,7 @@ def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None) -> 
             if main:
                 log.info("groupvit-train: max_minutes %.1f reached at step %d", cfg.max_minutes, step)
             break
+    logger.close()
     model.eval()
     if main:
         export_safetensors(model, out_dir / "final.safetensors", f"groupvit-train {cfg.model} {cfg.data}")

@@ -131,7 +131,7 @@ def group_balance_loss(soft: list) -> torch.Tensor:
     Why: a small GroupViT trained from scratch keeps its soft assignments flat, so during training the
     Gumbel noise groups at random and at inference the argmax puts everything in one group; sharpening them
     with GE (Eq 37) alone makes the last stage collapse onto one group. GE sharpens each patch's assignment,
-    this term spreads the patches over the groups (measured in the README, "Tiny offline GroupViT")."""
+    this term spreads the patches over the groups (measured in docs/experiments/tiny_groupvit.md)."""
     terms = []
     for a in soft:
         g = a.shape[1]

@@ -1,0 +1,100 @@
+"""Notebook 02's protocols: prototype choice by hand, the k table against hand-counted pairs and
+precisions, the shifted-copy control against an independent patch-index computation, the explorer's
+round trip on planted vectors."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from nbsupport.analysis import correspondence_protocols as cp
+from nbsupport.analysis.correspondences import descriptors
+from nbsupport.data.images import image_to_tensor
+from nbsupport.models import backbones
+
+
+def fake_coco(classes: dict):
+    return SimpleNamespace(image_ids=sorted(classes), category_ids=lambda i: list(classes[i]))
+
+
+def test_choose_prototype_by_hand():
+    coco = fake_coco({1: [2], 2: [1, 3], 3: [3, 3], 4: [1, 3], 5: [1]})
+    # image 1: its class 2 is nowhere else; image 2: class 1 (tried first) is also in images 4 and 5
+    assert cp.choose_prototype(coco, 2) == (2, 1, [4, 5])
+    assert cp.choose_prototype(coco, 1) == (2, 1, [4])
+    assert cp.choose_prototype(coco, 1, ids=[3, 4, 5]) == (3, 3, [4])
+    with pytest.raises(RuntimeError, match="no class is shared by 4 of the 5 images"):
+        cp.choose_prototype(coco, 3)  # classes 1 and 3 are each in 3 images only
+    with pytest.raises(ValueError, match="n_queries"):
+        cp.choose_prototype(coco, 0)
+
+
+def four_patches(salient_b=(1, 1, 1, 1)):
+    """2 x 2 grids of orthogonal descriptors, identical in A and B: (i, i) are best buddies; at k = 2 ties
+    (similarity 0) go to the lower index, adding exactly (0, 1) and (1, 0)."""
+    e = torch.eye(4)
+    a = (e, torch.ones(2, 2), (2, 2))
+    b = (e.clone(), torch.tensor(salient_b, dtype=torch.float32).reshape(2, 2), (2, 2))
+    return a, b
+
+
+def test_k_table_counts_and_precision_by_hand():
+    a, b = four_patches((1, 1, 1, 0))  # B's patch 3 is background: the pair (3, 3) is filtered out
+    _, b_all = four_patches()
+    relaxed = cp.match_queries([a, b, b_all], [(16, 16)] * 3, 16, 8, 8, n_pairs=0, thresh=0.05, k=2)
+    lab = np.ones((16, 16), int)
+    lab[:, 8:] = 2  # patch centres (4, 4), (4, 12), (12, 4), (12, 12): classes 1, 2, 1, 2
+    counts, pooled = cp.k_table(relaxed, [1, 2], [lab, lab, lab])
+    q1 = counts[counts["query"] == 1].set_index("k")
+    assert q1["pairs (all patches)"].tolist() == [4, 6] and q1["pairs (salient)"].tolist() == [3, 5]
+    # k = 1: (0,0) (1,1) (2,2) all on one class; k = 2 adds (0,1) and (1,0), both across classes
+    assert q1["precision"].tolist() == pytest.approx([1.0, 3 / 5])
+    # chance: A's classes at the pair ends {1: 2/3, 2: 1/3} vs B's salient patches {1: 2/3, 2: 1/3}
+    assert q1["chance: salient partner"].tolist() == pytest.approx([5 / 9, 3 / 5 * 2 / 3 + 2 / 5 * 1 / 3])
+    assert q1["chance: object partner"].tolist() == pytest.approx([0.5, 0.5])  # B is half class 1, half 2
+    q2 = counts[counts["query"] == 2].set_index("k")
+    assert q2["pairs (salient)"].tolist() == [4, 6] and q2["precision"].tolist() == pytest.approx([1.0, 4 / 6])
+    # pooled: counts averaged over queries, rates weighted by the salient pairs of each query
+    assert pooled.loc[2, "pairs (salient)"] == 5.5 and pooled.loc[2, "pairs (all patches)"] == 6
+    assert pooled.loc[2, "precision"] == pytest.approx((3 + 4) / 11) and pooled.loc[1, "precision"] == 1.0
+    plain, _ = cp.k_table(relaxed, [1, 2])  # no ground truth: counts only
+    assert list(plain.columns) == ["query", "k", "pairs (all patches)", "pairs (salient)"]
+    with pytest.raises(ValueError, match="labels"):
+        cp.k_table(relaxed, [1], [lab])
+
+
+def test_shifted_copy_control_against_patch_indices():
+    model = backbones.load("random_tiny8")
+    img = (np.random.default_rng(3).random((64, 64, 3)) * 255).astype(np.uint8)
+    x = image_to_tensor(img, 64)
+    d = descriptors(model, x, layer=1, facet="key", bin=False, stride=8)
+    ctrl = cp.shifted_copy_control(model, x, d, [1, 2], layer=1, facet="key", bin=False, stride=8, thresh=-1.0)
+    assert ctrl.shift == (8, 16)  # round(0.1 * 64 / 8) = 1 and round(0.2 * 64 / 8) = 2 strides
+    assert torch.equal(ctrl.image, torch.roll(x, (8, 16), dims=(1, 2)))
+    # independent: with stride = patch the grid is 8 x 8 and the answer to patch (y, x) is (y + 1, x + 2) mod 8
+    i, j = ctrl.result.all_pairs[:, 0].numpy(), ctrl.result.all_pairs[:, 1].numpy()
+    dy = (j // 8 - (i // 8 + 1) + 4) % 8 - 4
+    dx = (j % 8 - (i % 8 + 2) + 4) % 8 - 4
+    np.testing.assert_array_equal(ctrl.distance, 8 * np.maximum(abs(dy), abs(dx)))
+    ranks = ctrl.result.all_ranks.numpy()
+    for k in (1, 2):
+        assert ctrl.table.loc[k, "pairs"] == (ranks <= k).sum()
+        assert ctrl.table.loc[k, "correct"] == pytest.approx(np.mean(ctrl.correct[ranks <= k]))
+    assert ctrl.table.loc[1, "correct"] > 0.5  # even random-init keys find most shifted patches
+
+
+def test_round_trip_on_planted_vectors():
+    e = torch.eye(3)
+    a = SimpleNamespace(desc=torch.stack([e[0], e[1]]), grid=(1, 2))
+    b = SimpleNamespace(desc=torch.stack([e[1], e[0] + 0.5 * e[1], e[0]]), grid=(1, 3))
+    sim_ab, j, sim_ba, back = cp.round_trip(a, b, 0)
+    assert j == 2 and back == 0 and sim_ab.shape == (1, 3) and sim_ba.shape == (1, 2)
+    np.testing.assert_allclose(sim_ab.numpy(), [[0.0, 1 / np.sqrt(1.25), 1.0]], atol=1e-6)
+    assert cp.round_trip(a, b, 1)[1:4:2] == (0, 1)
+    # not mutual: B's only patch is nearest to A's patch 1, not to the patch we start from
+    a2 = SimpleNamespace(desc=torch.stack([e[0] + 0.3 * e[1], e[0] + 0.05 * e[1]]), grid=(2, 1))
+    b2 = SimpleNamespace(desc=e[:1].clone(), grid=(1, 1))
+    assert cp.round_trip(a2, b2, 0)[1] == 0 and cp.round_trip(a2, b2, 0)[3] == 1
+    with pytest.raises(ValueError, match="outside"):
+        cp.round_trip(a, b, 5)
