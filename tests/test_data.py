@@ -314,18 +314,19 @@ def test_voc_layout(tmp_path):
     obj.putpalette(cmap.flatten().tolist())
     obj.save(tmp_path / "SegmentationObject/2007_000001.png")
     Image.fromarray(cmap[lab]).save(tmp_path / "SegmentationClass/2007_000002.png")  # colour-coded RGB labels
-    ds = data.VocSegmentation(tmp_path)
-    assert ds.ids == ["2007_000001", "2007_000002"]
-    img, sem, inst = ds.load(ds.ids[0])
+    ds = data.PascalVOC(tmp_path)
+    assert ds.ids == ["2007_000001", "2007_000002"] and ds.split == "val"
+    img, sem, inst = ds.load_with_instances(0)
     assert img.size == (8, 8) and img.mode == "RGB"
     assert data.VOC_CLASSES[15] == "person" and len(data.VOC_CLASSES) == 21
+    assert data.VOC_CLASSES[11] == "table" and data.VOC_DEVKIT_CLASSES[11] == "diningtable"
     np.testing.assert_array_equal(sem, lab.astype(np.int64))
-    assert sem[2, 2] == 15 and sem[0, 0] == data.VOC_IGNORE and inst.sum() == 4
-    img2, sem2, inst2 = ds.load(ds.ids[1])
+    assert sem[2, 2] == 15 and sem[0, 0] == 255 and inst.sum() == 4
+    img2, sem2, inst2 = ds.load_with_instances(1)
     np.testing.assert_array_equal(sem2, lab.astype(np.int64))
     assert inst2 is None
-    with pytest.raises(FileNotFoundError, match=r"VOC root.*\['val'\]"):
-        data.VocSegmentation(tmp_path, split="train")
+    with pytest.raises(FileNotFoundError, match=r"train\.txt.*\['val'\]"):
+        data.PascalVOC(tmp_path, split="train")
 
 
 def test_public_surface_lists_the_loaders_of_the_room():
@@ -334,7 +335,9 @@ def test_public_surface_lists_the_loaders_of_the_room():
     assert data.read_coco_json is coco.read_coco_json and data.CaptionImages is captions.CaptionImages
     assert data.synthetic_coco is scenes.synthetic_coco and data.synthetic_scenes is scenes.synthetic_scenes
     assert data.resolve_image_path is images.resolve_image_path
-    assert {"synthetic_captions", "synthetic_class_names", "CocoInstances", "VocSegmentation"} <= set(data.__all__)
+    assert {"synthetic_captions", "synthetic_class_names", "CocoInstances", "PascalVOC", "COCOObject"} <= set(
+        data.__all__
+    )
     assert all(hasattr(data, n) for n in data.__all__) and len(set(data.__all__)) == len(data.__all__)
 
 

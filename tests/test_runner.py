@@ -290,3 +290,60 @@ def test_default_run_folder_and_interrupt(project, monkeypatch):
     monkeypatch.setattr(runner, "_dt", SimpleNamespace(datetime=SimpleNamespace(now=lambda: frozen)))
     a, b = runner.run(["02_bad"], "smoke", log=lambda m: None), runner.run(["02_bad"], "smoke", log=lambda m: None)
     assert [Path(a["run_dir"]).name, Path(b["run_dir"]).name] == ["20300102-030405-smoke", "20300102-030405-smoke-2"]
+
+
+def test_required_parameters_stop_the_run_before_anything_executes(project, capsys):
+    prof = project / "profiles.yaml"
+    prof.write_text(
+        "paper:\n  01_good: {name: {required: 'a PASCAL VOC root (VOCdevkit/VOC2012 with JPEGImages/)'}}\n"
+        "  02_bad: {beta: 3}\n"
+    )
+    out = project / "runs" / "p"
+    assert nbmain.main(["run", "01_good", "02_bad", "--profile", "paper", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: profile 'paper': 01_good needs -p name=... (a PASCAL VOC root (VOCdevkit/VOC2012 with JPEGImages/))"
+    )
+    assert not out.exists()
+    # given with -p, the requirement is met (plan only: nothing executes here)
+    plan = runner.plan_run(["01_good"], "paper", {"name": "/data/VOC2012"}, runner.load_profiles())
+    assert plan[0][1]["name"] == "/data/VOC2012"
+    # a notebook that does not need it is unaffected
+    assert runner.plan_run(["02_bad"], "paper", {}, runner.load_profiles())[0][1] == {"beta": 3}
+
+
+def test_fixture_settings_substitute_the_fixture_folder(project, monkeypatch):
+    prof = project / "profiles.yaml"
+    prof.write_text(
+        "fixture:\n  _settings: {fixtures: true}\n  01_good: {name: '{fixtures}/VOCdevkit/VOC2012', sizes: ['{fixtures}/a', 2]}\n"
+        "wrong:\n  _settings: {fixturez: true}\n"
+    )
+    monkeypatch.setenv("NBSUPPORT_GENERATED", str(project / "gen"))
+    with pytest.raises(runner.RunError, match=r"unknown settings \['fixturez'\]; known: \['fixtures'\]"):
+        runner.load_profiles()
+    prof.write_text(prof.read_text().split("wrong:")[0])
+    profiles = runner.load_profiles()
+    assert runner.profile_settings(profiles, "fixture") == {"fixtures": True}
+    params = runner.plan_run(["01_good"], "fixture", {}, profiles)[0][1]
+    root = str(project / "gen" / "fixtures")
+    assert params["name"] == f"{root}/VOCdevkit/VOC2012" and params["sizes"] == [f"{root}/a", 2]
+
+
+def test_figure_note_marks_fixture_figures(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nbsupport.notebook import viz
+
+    monkeypatch.setenv("NBSUPPORT_RUN_DIR", str(tmp_path))
+    monkeypatch.setenv("NBSUPPORT_NOTEBOOK", "nb")
+    fig, _ = plt.subplots()
+    viz.save_figure(fig, "plain")
+    assert [t.get_text() for t in fig.texts] == []
+    monkeypatch.setenv("NBSUPPORT_FIGURE_NOTE", runner.FIGURE_NOTE)
+    viz.save_figure(fig, "noted")
+    viz.save_figure(fig, "noted again")  # the note is written once
+    assert [t.get_text() for t in fig.texts] == ["random weights, fixture data"]
+    plt.close(fig)

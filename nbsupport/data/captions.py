@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -12,11 +13,25 @@ import torch.nn.functional as F
 
 
 # ============================================================================================== data
+def default_image_root(ann_file) -> Path:
+    """The image folder of a captions file: ``images/`` beside it (the synthetic world's layout) or, for COCO's
+    official ``<coco>/annotations/captions_<split>.json``, ``<coco>/<split>`` (e.g. ``train2017/``)."""
+    ann_file = Path(ann_file)
+    beside = ann_file.parent / "images"
+    m = re.fullmatch(r"captions_(\w+)\.json", ann_file.name)
+    if not beside.is_dir() and m and ann_file.parent.name == "annotations":
+        official = ann_file.parent.parent / m.group(1)
+        if official.is_dir():
+            return official
+    return beside
+
+
 class CaptionImages(torch.utils.data.Dataset):
     """Images with captions from a COCO captions file (``{"images": [{id, file_name}], "annotations":
     [{image_id, caption}]}``, as COCO's ``captions_train2017.json`` and the synthetic world write it).
-    Item: ``(image [3, S, S] ImageNet-normalised, captions list[str])``; ``preload`` keeps decoded tensors
-    (small datasets); ``augment="crop"`` adds a random resized crop (scale 0.6-1)."""
+    ``image_root``: default :func:`default_image_root`. Item: ``(image [3, S, S] ImageNet-normalised, captions
+    list[str])``; ``preload`` keeps decoded tensors (small datasets); ``augment="crop"`` adds a random resized
+    crop (scale 0.6-1)."""
 
     def __init__(self, ann_file, image_root=None, image_size: int = 224, preload: bool = False, augment: str = "none"):
         ann_file = Path(ann_file)
@@ -32,7 +47,9 @@ class CaptionImages(torch.utils.data.Dataset):
             caps.setdefault(a["image_id"], []).append(a["caption"])
         self.images = [im for im in data["images"] if im["id"] in caps]
         self.captions = [caps[im["id"]] for im in self.images]
-        self.root = Path(image_root) if image_root else ann_file.parent / "images"
+        self.root = Path(image_root) if image_root else default_image_root(ann_file)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} of {ann_file} not found: pass image_root")
         self.size, self.augment = int(image_size), augment
         self._cache = [self._load(i) for i in range(len(self.images))] if preload else None
 

@@ -1,10 +1,16 @@
 """Headless notebook runs: ``python -m nbsupport run [NOTEBOOK ...] --profile smoke|demo|paper [-p k=v]``.
 
 A *profile* is a parameter set per notebook, all kept in one file (``nbsupport/notebook/profiles.yaml``):
-``{profile: {"*": {shared defaults}, "<notebook stem>": {its parameters}}}``. A notebook receives
-``profile["*"]`` (only the names its ``parameters`` cell declares) + ``profile[stem]`` + ``-p`` overrides,
-and ``profile=<name>`` when it declares ``profile``. Every name is checked against the notebooks'
-``parameters`` cells before anything executes. Each notebook runs with papermill in the venv's
+``{profile: {"*": {shared defaults}, "<notebook stem>": {its parameters}, "_settings": {...}}}``. A notebook
+receives ``profile["*"]`` (only the names its ``parameters`` cell declares) + ``profile[stem]`` + ``-p``
+overrides, and ``profile=<name>`` when it declares ``profile``. Every name is checked against the notebooks'
+``parameters`` cells before anything executes. A value ``{required: "<what is expected>"}`` must be given
+with ``-p`` (the ``paper`` profile's dataset roots): without it the run stops before anything executes,
+naming the parameter and the expected layout. ``_settings: {fixtures: true}`` (the ``fixture`` profile)
+builds the offline fixtures first (:mod:`nbsupport.notebook.fixtures`: tiny datasets in their official
+layouts and official-layout checkpoints with random weights), replaces ``{fixtures}`` in parameter values
+by their folder, points the weight cache there (offline) and notes "random weights, fixture data" on every
+figure. Each notebook runs with papermill in the venv's
 ``python3`` kernel (a failure is recorded and the next notebook runs), and the run folder holds::
 
     runs/<YYYYmmdd-HHMMSS>-<profile>/
@@ -34,6 +40,9 @@ import yaml
 from nbsupport.core import paths
 
 PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
+SETTINGS = "_settings"  # a profile's own settings (not a notebook)
+KNOWN_SETTINGS = {"fixtures": False}
+FIGURE_NOTE = "random weights, fixture data"
 
 
 KERNEL = "python3"
@@ -68,7 +77,35 @@ def load_profiles(path=None) -> dict:
             data[name] = prof = {}
         if not isinstance(prof, dict) or not all(isinstance(v, dict) or v is None for v in prof.values()):
             raise RunError(f"{path}: profile {name!r} must map notebook stems or '*' to {{param: value}}")
+        unknown = sorted(set(prof.get(SETTINGS) or {}) - set(KNOWN_SETTINGS))
+        if unknown:
+            raise RunError(f"{path}: profile {name!r} has unknown settings {unknown}; known: {list(KNOWN_SETTINGS)}")
     return data
+
+
+def profile_settings(profiles: dict, profile: str) -> dict:
+    """The ``_settings`` of a profile with their defaults (``fixtures``: False)."""
+    return {**KNOWN_SETTINGS, **((profiles.get(profile) or {}).get(SETTINGS) or {})}
+
+
+def _required(value) -> str | None:
+    """The description of a required parameter (``{required: "..."}``), else None."""
+    if isinstance(value, dict) and set(value) == {"required"}:
+        return str(value["required"])
+    return None
+
+
+def _substitute(value, mapping: dict[str, str]):
+    """``value`` with ``{name}`` placeholders of ``mapping`` replaced in every string (lists and dicts too)."""
+    if isinstance(value, str):
+        for k, v in mapping.items():
+            value = value.replace("{" + k + "}", v)
+        return value
+    if isinstance(value, list):
+        return [_substitute(v, mapping) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, mapping) for k, v in value.items()}
+    return value
 
 
 def parse_value(text: str):
@@ -157,9 +194,20 @@ def resolve_parameters(
         )
     params.update(specific)
     params.update({k: v for k, v in overrides.items() if k in declared})
+    missing = [(k, _required(v)) for k, v in params.items() if _required(v) is not None]
+    if missing:
+        k, what = missing[0]
+        raise RunError(f"profile {profile!r}: {nb_path.stem} needs -p {k}=... ({what})")
+    if profile_settings(profiles, profile)["fixtures"]:
+        params = {k: _substitute(v, {"fixtures": str(fixtures_root())}) for k, v in params.items()}
     if "profile" in declared:
         params["profile"] = profile
     return params
+
+
+def fixtures_root() -> Path:
+    """Where the ``fixture`` profile's fixtures live: ``data/generated/fixtures`` (built once, reused)."""
+    return paths.generated_dir() / "fixtures"
 
 
 def plan_run(
@@ -300,8 +348,15 @@ def run(
     import papermill as pm
 
     overrides = overrides or {}
-    plan = plan_run(notebooks, profile, overrides)
+    profiles = load_profiles()
+    plan = plan_run(notebooks, profile, overrides, profiles)
     kernel_python = check_kernel()
+    env = {}
+    if profile_settings(profiles, profile)["fixtures"]:
+        from nbsupport.notebook.fixtures import build_fixtures
+
+        root = build_fixtures(fixtures_root(), log=log)
+        env = {"NBSUPPORT_CACHE": root / "cache", "NBSUPPORT_OFFLINE": "1", "NBSUPPORT_FIGURE_NOTE": FIGURE_NOTE}
     if progress_bar is None:
         progress_bar = sys.stderr.isatty()
 
@@ -350,6 +405,7 @@ def run(
                 NBSUPPORT_PROFILE=profile,
                 NBSUPPORT_ROOT=paths.project_root(),
                 MPLBACKEND=_kernel_mpl_backend(),
+                **env,
             ):
                 try:
                     pm.execute_notebook(

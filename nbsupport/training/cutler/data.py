@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nbsupport.data.coco import read_coco_json
+from nbsupport.data.datasets.imagenet import read_pseudo_labels
 from nbsupport.training.cutler.model import masks_to_boxes
 
 # --------------------------------------------------------------------------------------------------
@@ -36,7 +36,7 @@ class PseudoMaskDataset(torch.utils.data.Dataset):
 
     def __init__(self, ann_file, image_root=None, train: bool = True, data: dict | None = None):
         self.ann_file = Path(ann_file) if ann_file is not None else None
-        self.data = data if data is not None else read_coco_json(ann_file)
+        self.data = data if data is not None else read_pseudo_labels(ann_file, strict=False).data
         self.image_root = (
             Path(image_root)
             if image_root is not None
