@@ -10,7 +10,14 @@ import importlib
 import sys
 
 # Modules that offer subcommands; a missing optional one is skipped.
-CLI_MODULES = ("notebook.runner", "maskcut.cli", "training.cutler.cli", "training.dino.cli", "training.groupvit.cli")
+CLI_MODULES = (
+    "notebook.runner",
+    "notebook.fixtures",
+    "maskcut.cli",
+    "training.cutler.cli",
+    "training.dino.cli",
+    "training.groupvit.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,11 +38,12 @@ class CocoInstances:
     e.g. ``coco/val2017``. Masks come in annotation order.
     """
 
-    def __init__(self, ann_file, image_root=None):
+    def __init__(self, ann_file, image_root=None, data: dict | None = None):
         from pycocotools.coco import COCO
 
         self.ann_file = Path(ann_file)
-        data = _read_json(self.ann_file, "COCO instances")
+        if data is None:
+            data = _read_json(self.ann_file, "COCO instances")
         for key in ("images", "annotations", "categories"):
             if not isinstance(data.get(key), list):
                 raise ValueError(f"{self.ann_file} is not a COCO instances file: no {key!r} list")
@@ -57,6 +58,12 @@ class CocoInstances:
         self.image_root = Path(image_root) if image_root is not None else self.ann_file.parent / "images"
         self.image_ids = sorted(self.coco.imgs)
         self.categories = {c["id"]: c["name"] for c in data["categories"]}
+
+    @classmethod
+    def from_data(cls, data: dict, image_root, source: str = "<in memory>") -> CocoInstances:
+        """The same view of a COCO instances dict built in memory (e.g. VOC's instance PNGs as COCO,
+        :func:`nbsupport.data.instances.instance_dataset`); ``source`` names it in errors."""
+        return cls(source, image_root, data=data)
 
     def __len__(self):
         return len(self.image_ids)
