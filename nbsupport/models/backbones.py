@@ -1,9 +1,9 @@
 """ViT backbones: official DINO checkpoints, local files, and offline seeded random-init models.
 
 Every backbone is a timm ``VisionTransformer`` (so timm's code runs the forward pass) in eval mode,
-carrying ``model.nbs_info`` (name, patch size, width, heads, depth, whether it learned anything, and
-a one-line description that figure titles must include). Thesis section 3.2 (DINO) and 1.2 (MaskCut's
-DINO ViT-B/8 backbone).
+carrying ``model.nbs_info`` (name, patch size, width, heads, depth, whether it learned anything, whether
+it came from a random-weight fixture file, and a one-line description that figure titles must include).
+Thesis section 3.2 (DINO) and 1.2 (MaskCut's DINO ViT-B/8 backbone).
 
 Weights are read with ``torch.load(weights_only=True)`` or safetensors: no pickle code is executed.
 """
@@ -19,7 +19,13 @@ import torch
 from torch import nn
 
 from nbsupport.core import paths
-from nbsupport.models.checkpoints import CheckpointError, WeightsUnavailableError, fetch_release
+from nbsupport.models.checkpoints import (
+    FIXTURE_LABEL,
+    CheckpointError,
+    WeightsUnavailableError,
+    fetch_release,
+    fixture_marker,
+)
 
 DINO_URL = "https://dl.fbaipublicfiles.com/dino/"
 
@@ -100,7 +106,9 @@ def build(arch: Arch) -> nn.Module:
     )
 
 
-def _attach(model: nn.Module, name: str, arch: Arch, pretrained: bool, description: str, device) -> nn.Module:
+def _attach(
+    model: nn.Module, name: str, arch: Arch, pretrained: bool, description: str, device, fixture: bool = False
+) -> nn.Module:
     model.nbs_info = {
         "name": name,
         "patch_size": arch.patch_size,
@@ -109,6 +117,7 @@ def _attach(model: nn.Module, name: str, arch: Arch, pretrained: bool, descripti
         "depth": arch.depth,
         "img_size": arch.img_size,
         "pretrained": pretrained,
+        "fixture": fixture,
         "description": description,
     }
     return model.to(device).eval()
@@ -125,9 +134,10 @@ def describe(model: nn.Module) -> str:
     return info["description"] if info else type(model).__name__
 
 
-def expected_path(name: str) -> Path:
-    """Where the cached official checkpoint ``name`` lives (or must be put by hand when offline)."""
-    return paths.cache_dir() / "dino" / Path(OFFICIAL[name].file).name
+def expected_path(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Where the cached official checkpoint ``name`` lives (or must be put by hand when offline): under
+    ``cache_dir``, default :func:`nbsupport.core.paths.cache_dir`."""
+    return Path(cache_dir or paths.cache_dir()) / "dino" / Path(OFFICIAL[name].file).name
 
 
 def fetch(name: str, download: bool = True, progress: bool = True) -> Path:
@@ -259,7 +269,9 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", download:
     """A ViT backbone in eval mode: a registered name (see :func:`available`) or a checkpoint path.
 
     - ``dino_vits16``, ``dino_vits8``, ``dino_vitb16``, ``dino_vitb8``: official DINO weights, downloaded
-      once into ``$NBSUPPORT_CACHE/dino`` (default ``~/.cache/nbsupport``), size/hash checked.
+      once into ``$NBSUPPORT_CACHE/dino`` (default ``~/.cache/nbsupport``), size/hash checked; a random-weight
+      fixture there (:mod:`nbsupport.models.fixtures`) loads too, with ``nbs_info["fixture"]`` True,
+      ``"pretrained"`` False and "(random weights, fixture)" in the description.
     - ``random_vits8``, ``random_vits16``, ``random_vitb8``, ``random_tiny8``: seeded random init, offline.
     - ``tiny_dino_synth``: the small DINO trained on the synthetic world, shipped in ``data/weights``.
     - a path to an official ``.pth`` or a ``.safetensors`` file: architecture inferred from the shapes.
@@ -277,7 +289,9 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", download:
         arch = OFFICIAL[name].arch
         model = build(arch)
         load_state(model, sd, str(path))
-        return _attach(model, name, arch, True, f"DINO {_arch_name(arch)}", device)
+        fixture = fixture_marker(path) is not None  # random weights in the official layout: say so
+        desc = f"DINO {_arch_name(arch)}" + (f" ({FIXTURE_LABEL})" if fixture else "")
+        return _attach(model, name, arch, not fixture, desc, device, fixture=fixture)
     if name in SHIPPED:
         path = paths.data_dir() / SHIPPED[name]
         if not path.is_file():
@@ -298,8 +312,11 @@ def _load_path(path: Path, device, name: str | None = None, label: str | None = 
     arch = infer_arch(sd, meta)
     model = build(arch)
     load_state(model, sd, str(path))
-    desc = f"{label or meta.get('description') or path.name} {_arch_name(arch)}"
-    return _attach(model, name or str(path), arch, True, desc, device)
+    fixture = fixture_marker(path) is not None
+    desc = f"{label or meta.get('description') or path.name} {_arch_name(arch)}" + (
+        f" ({FIXTURE_LABEL})" if fixture else ""
+    )
+    return _attach(model, name or str(path), arch, not fixture, desc, device, fixture=fixture)
 
 
 def random_like(model: nn.Module, seed: int = 0, device=None) -> nn.Module:

@@ -1,12 +1,20 @@
 """Official weights on disk: the one download-and-verify path every loader uses (:func:`fetch_release`), the
 errors every loader raises, and a restricted unpickler for official releases that pickle more than tensors
 (no code from the file ever runs).
+
+Fixtures: :mod:`nbsupport.models.fixtures` writes files in the official layouts holding random weights. Such a
+file carries a ``nbsupport_fixture.json`` record inside its zip archive (it cannot lose it) and a
+``<file>.source.json`` sidecar (``{"kind": "fixture", "sha256": ...}``) beside the ``<file>.sha256`` pin.
+:func:`verify` accepts a fixture in place of a release only when the record, both sidecars and the file's
+bytes agree (the release's size and pinned hash do not apply to it), and loaders label every model read from
+one with :data:`FIXTURE_LABEL` (:func:`fixture_marker` tells them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import urllib.error
@@ -46,6 +54,74 @@ def sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+FIXTURE_KIND = "fixture"
+#: Name of the JSON record inside a fixture checkpoint's zip archive (``<archive>/nbsupport_fixture.json``).
+FIXTURE_RECORD = "nbsupport_fixture.json"
+#: What the description of every model loaded from a fixture says (figure titles print it).
+FIXTURE_LABEL = "random weights, fixture"
+
+
+def source_sidecar(path: Path) -> Path:
+    """``<file>.source.json``: where a file came from; ``{"kind": "fixture", ...}`` for random-weight fixtures."""
+    path = Path(path)
+    return path.with_name(path.name + ".source.json")
+
+
+def fixture_record(path: str | Path) -> dict | None:
+    """The ``nbsupport_fixture.json`` record inside a zip checkpoint (written only by
+    :mod:`nbsupport.models.fixtures`), or None: not a zip, no such record, or one that is not a fixture's."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if n.count("/") == 1 and n.endswith("/" + FIXTURE_RECORD)]
+            if not names:
+                return None
+            rec = json.loads(zf.read(names[0]))
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("kind") == FIXTURE_KIND else None
+
+
+def _source(path: Path) -> dict | None:
+    try:
+        src = json.loads(source_sidecar(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return src if isinstance(src, dict) else None
+
+
+def fixture_marker(path: str | Path) -> dict | None:
+    """What marks ``path`` as a random-weight fixture: its in-file record merged with its ``.source.json``
+    (either one is enough to mark it), or None for any other file. Loaders use it to label the model."""
+    rec, src = fixture_record(path), _source(Path(path))
+    src = src if src and src.get("kind") == FIXTURE_KIND else None
+    if rec is None and src is None:
+        return None
+    return {**(src or {}), **(rec or {})}
+
+
+def _verify_fixture(path: Path, url: str) -> None:
+    """A fixture stands in for the release at ``url`` only when its record, ``.source.json``, ``.sha256`` pin
+    and bytes all agree; anything else is refused (it would be a half-written, altered or mislabelled file)."""
+    rec, src = fixture_record(path), _source(path)
+    pin = sidecar(path).read_text().strip() if sidecar(path).is_file() else None
+    what = f"{path} is a random-weights fixture standing in for {url} (written by nbsupport.models.fixtures)"
+    fix = "Rewrite it with nbsupport.models.fixtures.write_official_weights, or delete it and download the release."
+    if rec is None or src is None or src.get("kind") != FIXTURE_KIND:
+        part = "its fixture record" if rec is None else f"{source_sidecar(path).name} saying kind 'fixture'"
+        raise CheckpointError(f"{what}, but {part} is missing or unreadable. {fix}")
+    if pin is None or "sha256" not in src:
+        raise CheckpointError(f"{what}, but its SHA-256 pin ({sidecar(path).name}) is missing. {fix}")
+    if src.get("name") != rec.get("name") or src.get("seed") != rec.get("seed"):
+        raise CheckpointError(f"{what}, but its record and {source_sidecar(path).name} describe different files. {fix}")
+    got = sha256(path)
+    if not got == pin == src["sha256"]:
+        raise CheckpointError(
+            f"{what}: sha256 {got[:12]}... differs from the recorded {pin[:12]}... (source.json "
+            f"{str(src['sha256'])[:12]}...): the file changed after it was written. {fix}"
+        )
+
+
 def missing_message(what: str, url: str, dst: Path, loader: str, alternatives=()) -> str:
     """The error text for weights that are not on disk: the URL, the exact path to put the file at, the
     ``NBSUPPORT_CACHE`` layout and the offline alternatives."""
@@ -63,7 +139,13 @@ def missing_message(what: str, url: str, dst: Path, loader: str, alternatives=()
 
 def verify(path: Path, url: str, size: int | None = None, sha256_hex: str | None = None) -> None:
     """Refuse a cached file that is not the release: wrong size (when known), or a SHA-256 that differs from
-    the pinned one (else from the one recorded in :func:`sidecar` at download). Raises :class:`CheckpointError`."""
+    the pinned one (else from the one recorded in :func:`sidecar` at download). A file marked as a fixture
+    (:func:`fixture_marker`) is checked as one instead: record, ``.source.json``, pin and bytes must agree, and
+    the release's size and pinned hash do not apply. Raises :class:`CheckpointError`."""
+    path = Path(path)
+    if fixture_marker(path) is not None:
+        _verify_fixture(path, url)
+        return
     got_size = path.stat().st_size
     if size is not None and got_size != size:
         raise CheckpointError(
@@ -100,7 +182,8 @@ def fetch_release(
     file renamed at the end: no half file is left behind) unless ``download=False`` or ``NBSUPPORT_OFFLINE=1``,
     which raise :class:`WeightsUnavailableError` naming the URL and ``dst``. Every use checks the size
     (when known) and the SHA-256: ``sha256_hex`` when pinned, else the hash recorded beside the file at its
-    first download (:func:`sidecar`); a mismatch raises :class:`CheckpointError`. ``what`` / ``loader`` /
+    first download (:func:`sidecar`); a mismatch raises :class:`CheckpointError`. A random-weight fixture in
+    the cache is accepted on its own marker and pin (:func:`verify`). ``what`` / ``loader`` /
     ``alternatives`` word the error (e.g. ``"Weights for 'dino_vits8'"``, ``"nbsupport.models.backbones.load"``)."""
     dst = Path(dst)
     if dst.is_file():
@@ -109,6 +192,8 @@ def fetch_release(
     msg = missing_message(what, url, dst, loader, alternatives)
     if not download or offline():
         raise WeightsUnavailableError(msg)
+    for stale in (sidecar(dst), source_sidecar(dst)):  # left by a deleted file: they describe nothing now
+        stale.unlink(missing_ok=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.hub.download_url_to_file(url, str(dst), progress=progress)

@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 
 from nbsupport.core import paths
-from nbsupport.models.checkpoints import WeightsUnavailableError, fetch_release, offline, read_checkpoint
+from nbsupport.models.checkpoints import (
+    FIXTURE_LABEL,
+    WeightsUnavailableError,
+    fetch_release,
+    fixture_marker,
+    offline,
+    read_checkpoint,
+)
 from nbsupport.models.groupvit.model import CONFIGS, Config, GroupViT, build, interpolate_pos_embed
 
 URLS = {
@@ -186,9 +193,10 @@ def from_state_dict(
     return model.eval()
 
 
-def weights_path(name: str) -> Path:
-    """Where an official checkpoint is cached: ``cache_dir()/groupvit/<file name of the release>``."""
-    return paths.cache_dir() / "groupvit" / URLS[name].rsplit("/", 1)[1]
+def weights_path(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Where an official checkpoint is cached: ``<cache_dir>/groupvit/<file name of the release>`` (default
+    :func:`nbsupport.core.paths.cache_dir`)."""
+    return Path(cache_dir or paths.cache_dir()) / "groupvit" / URLS[name].rsplit("/", 1)[1]
 
 
 def fetch(name: str, download: bool = True, progress: bool = True) -> Path:
@@ -222,7 +230,8 @@ def load(
     - ``"small"`` / ``"random:<config>"``: seeded random init (offline; figure titles say so);
     - ``"group_vit_gcc_yfcc_30e"`` / ``"group_vit_gcc_redcap_30e"``: official release, downloaded once into
       ``cache_dir()/groupvit`` and hash checked (:func:`fetch`), read by :func:`read_checkpoint` (no code
-      from the file runs);
+      from the file runs); a random-weight fixture there (:mod:`nbsupport.models.fixtures`) loads too, with
+      ``nbs_info["fixture"]`` True and "(random weights, fixture)" in the description;
     - ``"nvidia/groupvit-gcc-yfcc"``: HF hub weights through ``huggingface_hub`` (if installed), renamed;
     - ``"tiny_groupvit_synth"``: the tiny GroupViT trained on the synthetic world (:data:`SHIPPED`);
     - a path to a ``.pth``/``.pt`` (official or HF layout, maybe nested under ``model``) or ``.safetensors``.
@@ -249,11 +258,11 @@ def _load(name: str, device, img_size, download: bool, seed: int) -> GroupViT:
     if name in URLS:
         path = fetch(name, download=download)
         model = from_state_dict(read_checkpoint(path), CONFIGS[name], img_size, source=str(path))
-        model.nbs_info = {"name": name, "pretrained": True, "description": f"GroupViT {name}"}
+        model.nbs_info = _info(name, f"GroupViT {name}", path)
         return model.to(device)
     if name in HF_REPOS:
         model = _load_file(_hf_file(name, download), img_size)
-        model.nbs_info = {"name": name, "pretrained": True, "description": f"GroupViT {name} (HF)"}
+        model.nbs_info = {"name": name, "pretrained": True, "fixture": False, "description": f"GroupViT {name} (HF)"}
         return model.to(device)
     if name in SHIPPED:  # tiny offline models trained by groupvit-train (see SHIPPED)
         path = paths.data_dir() / "weights" / SHIPPED[name][0]
@@ -266,6 +275,7 @@ def _load(name: str, device, img_size, download: bool, seed: int) -> GroupViT:
         model.nbs_info = {
             "name": name,
             "pretrained": True,
+            "fixture": False,
             "description": f"{name} (tiny GroupViT trained on the synthetic world)",
         }
         return model.to(device)
@@ -276,8 +286,17 @@ def _load(name: str, device, img_size, download: bool, seed: int) -> GroupViT:
             f"{sorted(CONFIGS)} + {sorted(HF_REPOS)} + {sorted(SHIPPED)} or random:<config>"
         )
     model = _load_file(path, img_size)
-    model.nbs_info = {"name": path.name, "pretrained": True, "description": f"GroupViT ({path.name})"}
+    model.nbs_info = _info(path.name, f"GroupViT ({path.name})", path)
     return model.to(device)
+
+
+def _info(name: str, description: str, path: Path) -> dict:
+    """``nbs_info`` of weights read from ``path``: a random-weight fixture (:mod:`nbsupport.models.fixtures`)
+    says so in the description and flags, since figure titles print the description."""
+    fixture = fixture_marker(path) is not None
+    if fixture:
+        description = f"{description} ({FIXTURE_LABEL})"
+    return {"name": name, "pretrained": not fixture, "fixture": fixture, "description": description}
 
 
 def _hf_file(repo: str, download: bool) -> Path:
