@@ -201,3 +201,59 @@ def test_patch_pixel_roundtrip():
     assert pix.tolist() == [[4, 4], [16, 24], [220, 220]]
     np.testing.assert_array_equal(features.pixel_to_patch(pix, 4, 8), yx)
     assert features.pixel_to_patch([[500, -3]], 4, 8, grid=(55, 55)).tolist() == [[54, 0]]
+
+
+@pytest.fixture(scope="module")
+def tiny_reg():
+    """A small DINOv2-style ViT (patch 14, 2 registers, LayerScale) with random weights."""
+    arch = backbones.Arch(14, embed_dim=48, depth=3, num_heads=3, img_size=56, reg_tokens=2, layer_scale=0.5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = backbones.build(arch).eval()
+        for p in model.parameters():  # timm zero-inits biases and 1e-6 tokens: make every parameter matter
+            p.data.normal_(0, 0.1).add_(1.0 if p.dim() == 1 and p.shape[0] == 48 else 0.0)
+    return model
+
+
+def test_prefix_tokens_counted_for_registers(tiny, tiny_reg):
+    assert features.num_prefix_tokens(tiny) == 1 and features.num_prefix_tokens(tiny_reg) == 3
+    x = torch.randn(2, 3, 42, 70, generator=torch.Generator().manual_seed(2))
+    tokens, grid = features.embed(tiny_reg, x)
+    with torch.no_grad():
+        ref = tiny_reg.norm_pre(tiny_reg._pos_embed(tiny_reg.patch_embed(x)))  # timm's own token assembly
+    assert grid == (3, 5) and tokens.shape == (2, 3 + 15, 48)
+    torch.testing.assert_close(tokens, ref)
+    got = features.extract_many(tiny_reg, x, [("key", 1), ("token", 2), ("attn", 0)], include_cls=True)
+    with torch.no_grad():
+        t = tiny_reg.blocks[0](ref)
+        k = tiny_reg.blocks[1].attn.qkv(tiny_reg.blocks[1].norm1(t))[..., 48:96]
+        out = tiny_reg.forward_features(x)
+    keys, cls_key = got[("key", 1)]
+    torch.testing.assert_close(keys.reshape(2, 15, 48), k[:, 3:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cls_key, k[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tiny_reg.norm(got[("token", 2)][0]).reshape(2, 15, 48), out[:, 3:], rtol=1e-5, atol=1e-5)
+    attn, _ = got[("attn", 0)]
+    assert attn.shape == (2, 3, 5, 3 * 18)
+    a = features.attention(tiny_reg, x, 0)
+    torch.testing.assert_close(attn[:, 1, 2].reshape(2, 3, 18), a[:, :, 3 + 1 * 5 + 2])
+    c = features.cls_attention(tiny_reg, x, 0)
+    torch.testing.assert_close(c.flatten(2), a[:, :, 0, 3:])
+    # CLS's attention to itself and the registers is left out
+    torch.testing.assert_close(c.flatten(2).sum(-1), 1 - a[:, :, 0, :3].sum(-1))
+    assert a[:, :, 0, :3].sum(-1).mean() > 0.05
+
+
+def test_sizes_that_are_not_multiples_of_the_patch(tiny_reg, recwarn):
+    assert features.covered_size(480, 480, 14) == (476, 476) and features.covered_size(224, 224, 14, 4) == (222, 222)
+    assert [features.snap_size(s, 14) for s in (480, 483, 484, 7, 14)] == [476, 476, 490, 14, 14]
+    assert features.snap_size(480, 8) == 480 and features.snap_size(480, 16) == 480
+    with pytest.raises(ValueError, match="positive"):
+        features.snap_size(0, 14)
+    x = torch.randn(1, 3, 45, 60, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(UserWarning, match=r"45x60 is not a multiple of the patch 14: the last 3 rows and 4 columns"):
+        g = features.extract(tiny_reg, x, "value", 1)
+    torch.testing.assert_close(g, features.extract(tiny_reg, x[..., :42, :56], "value", 1))  # the crop, exactly
+    recwarn.clear()
+    features.extract(tiny_reg, x[..., :42, :56], "key", 1)
+    features.extract(tiny_reg, x, "key", 1, stride=7)  # overlapping patches: the grid formula is the contract
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]

@@ -22,7 +22,7 @@ LARGE_DINO = ["dino_vitb16", "dino_vitb8"]
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """All six releases written once (about 9 s here, 1.3 GB)."""
+    """All ten releases written once (about 15 s here, 2.2 GB)."""
     root = tmp_path_factory.mktemp("weights")
     fx.write_official_weights(root)
     return root
@@ -58,6 +58,12 @@ def test_files_are_where_the_loaders_look(cache, offline):
         assert (
             paths[name] == backbones.expected_path(name) == cache / "dino" / backbones.OFFICIAL[name].url.split("/")[-1]
         )
+    for name in fx.DINOV2_NAMES:  # picked up by default: what `python -m nbsupport fixtures` writes
+        assert (
+            paths[name]
+            == backbones.expected_path(name)
+            == cache / "dinov2" / backbones.release(name).file.split("/")[1]
+        )
     for name in fx.GROUPVIT_NAMES:
         assert paths[name] == gv.weights_path(name) == cache / "groupvit" / gv.URLS[name].split("/")[-1]
     for name, path in paths.items():
@@ -70,7 +76,7 @@ def test_files_are_where_the_loaders_look(cache, offline):
 
 
 def _arch(name):
-    return backbones.OFFICIAL[name].arch
+    return backbones.release(name).arch
 
 
 @pytest.mark.parametrize("name", SMALL_DINO + [pytest.param(n, marks=pytest.mark.slow) for n in LARGE_DINO])
@@ -96,6 +102,33 @@ def test_dino_fixture_loads_offline_strictly(offline, name):
     keys = features.extract(model, x, facet="key", layer=11)
     assert keys.shape == (2, 64 // arch.patch_size, 96 // arch.patch_size, arch.embed_dim)
     assert torch.isfinite(keys).all() and keys.std() > 0.1  # random, but not degenerate
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["dinov2_vits14", "dinov2_vits14_reg"]
+    + [pytest.param(n, marks=pytest.mark.slow) for n in ["dinov2_vitb14", "dinov2_vitb14_reg"]],
+)
+def test_dinov2_fixture_loads_offline_strictly(offline, name):
+    path = backbones.expected_path(name)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    arch, reg = _arch(name), name.endswith("_reg")
+    assert type(sd) is dict and all(v.dtype == torch.float32 for v in sd.values())
+    assert sd["pos_embed"].shape == (1, 37 * 37 + 1, arch.embed_dim) and sd["mask_token"].shape == (1, arch.embed_dim)
+    assert ("register_tokens" in sd) == reg and sd["blocks.11.ls1.gamma"].shape == (arch.embed_dim,)
+    assert len(sd) == 5 + reg + 12 * 14 + 2
+    model = backbones.load(name)
+    size = {384: "S", 768: "B"}[arch.embed_dim]
+    desc = f"DINOv2 ViT-{size}/14" + (" + registers" if reg else "") + " (random weights, fixture)"
+    assert model.nbs_info["description"] == desc and model.nbs_info["fixture"] and not model.nbs_info["pretrained"]
+    msd = model.state_dict()
+    for k, v in sd.items():
+        if k.startswith("blocks."):
+            assert torch.equal(msd[k], v), k
+    x = torch.randn(2, 3, 70, 98, generator=torch.Generator().manual_seed(0))
+    keys = features.extract(model, x, facet="key", layer=11)
+    assert keys.shape == (2, 5, 7, arch.embed_dim)
+    assert torch.isfinite(keys).all() and keys.std() > 0.1
 
 
 def test_groupvit_fixtures_load_offline_strictly(offline):

@@ -1,9 +1,16 @@
 """Dense ViT descriptors: keys, queries, values, tokens and attention as feature grids.
 
 One extractor for every notebook (the dino-vit-features idea, thesis section 2.3 and 4.1): run a timm
-ViT up to a block and read a *facet* of it as a grid ``[B, h, w, D]`` (CLS token removed). Overlapping
-patches (``stride < patch``) come from running the patch-embedding convolution with a smaller stride and
-interpolating the position embedding to the new grid, ``h = 1 + (H - patch) // stride``.
+ViT up to a block and read a *facet* of it as a grid ``[B, h, w, D]``. The tokens are ``P`` prefix tokens
+(CLS, then the register tokens of DINOv2 ``_reg`` models: ``P = 1 + R``, :func:`num_prefix_tokens`) and
+the ``h * w`` patches; every grid holds the patches only. Overlapping patches (``stride < patch``) come
+from running the patch-embedding convolution with a smaller stride and interpolating the position
+embedding to the new grid, ``h = 1 + (H - patch) // stride``.
+
+Input sizes: pixels beyond the last whole patch (bottom rows, right columns) are not seen, the crop the
+DINO reference makes (``covered_size``). At plain stride a side that is not a multiple of the patch
+warns, since the grid then covers less than the image (DINOv2, patch 14, at 480 px sees 476 px):
+resize to :func:`snap_size` (476 or 490 for 480) so that grid and image line up.
 
 The forward pass is written out here block by block instead of using hooks: nothing is attached to
 or changed on the model, so a failing call (bad input, out of memory) leaves the model exactly as it was.
@@ -11,6 +18,7 @@ or changed on the model, so a failing call (bad input, out of memory) leaves the
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -22,6 +30,29 @@ FACETS = ("key", "query", "value", "token", "attn")
 
 def patch_size(model: nn.Module) -> int:
     return int(model.patch_embed.proj.kernel_size[0])
+
+
+def num_prefix_tokens(model: nn.Module) -> int:
+    """Tokens before the patches: 1 (CLS) plus the register tokens (DINOv2 ``_reg``: 4)."""
+    return int(getattr(model, "num_prefix_tokens", 1))
+
+
+def covered_size(height: int, width: int, patch: int, stride: int | None = None) -> tuple[int, int]:
+    """Pixels ``(H', W')`` the patch grid of an ``H x W`` image covers: ``patch + (h - 1) * stride`` per
+    side; the rest (bottom / right) is not seen."""
+    stride = stride or patch
+    h, w = grid_size(height, width, patch, stride)
+    return patch + (h - 1) * stride, patch + (w - 1) * stride
+
+
+def snap_size(size: int, patch: int) -> int:
+    """The multiple of ``patch`` nearest to ``size`` (ties go down; at least one patch): where a square
+    resize should go so that the patch grid covers the whole image. ``snap_size(480, 14) == 476``,
+    ``snap_size(480, 8) == 480``."""
+    if size < 1 or patch < 1:
+        raise ValueError(f"size and patch must be positive, got {size}, {patch}")
+    down = size // patch * patch
+    return max(patch, down if size - down <= down + patch - size else down + patch)
 
 
 def grid_size(height: int, width: int, patch: int, stride: int | None = None) -> tuple[int, int]:
@@ -61,13 +92,24 @@ def _check(model: nn.Module, images: torch.Tensor, stride: int | None) -> tuple[
     stride = stride or p
     if not (1 <= stride <= p):
         raise ValueError(f"stride must be between 1 and the patch size {p}, got {stride}")
-    grid_size(images.shape[-2], images.shape[-1], p, stride)  # raises when smaller than one patch
+    height, width = images.shape[-2:]
+    if (height, width) != covered_size(height, width, p, stride) and stride == p:  # also raises if < 1 patch
+        warnings.warn(
+            f"image {height}x{width} is not a multiple of the patch {p}: the last {height % p} rows and "
+            f"{width % p} columns are not seen; resize to {snap_size(height, p)}x{snap_size(width, p)} "
+            "(features.snap_size) so that the patch grid covers the image",
+            stacklevel=2,
+        )
     param = next(model.parameters())
     return images.to(device=param.device, dtype=param.dtype), stride
 
 
 def embed(model: nn.Module, images: torch.Tensor, stride: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Tokens entering block 0 ``[B, 1 + h*w, D]`` (CLS first) and the grid ``(h, w)``."""
+    """Tokens entering block 0 ``[B, P + h*w, D]`` (CLS, the ``P - 1`` registers, then the patches) and the
+    grid ``(h, w)``. Position embeddings as timm adds them: interpolated (bicubic, antialiased) to the grid;
+    with ``no_embed_class`` (DINOv2 ``_reg``) on the patches only. That is DINOv2's own rule for the ``_reg``
+    models; its models without registers interpolate with scale factor ``(h + 0.1) / 37`` and no
+    antialiasing, so off the 518-px grid their features differ slightly from the official code's."""
     from timm.layers import resample_abs_pos_embed
 
     images, stride = _check(model, images, stride)
@@ -75,10 +117,17 @@ def embed(model: nn.Module, images: torch.Tensor, stride: int | None = None) -> 
     x = F.conv2d(images, proj.weight, proj.bias, stride=stride)  # [B, D, h, w]
     b, d, h, w = x.shape
     x = model.patch_embed.norm(x.flatten(2).transpose(1, 2))
+    prefix = [model.cls_token.expand(b, -1, -1)]
+    if getattr(model, "reg_token", None) is not None:
+        prefix.append(model.reg_token.expand(b, -1, -1))
+    own = getattr(model, "no_embed_class", False)  # position embedding for the patches only
     pos = resample_abs_pos_embed(
-        model.pos_embed, new_size=(h, w), old_size=model.patch_embed.grid_size, num_prefix_tokens=1
+        model.pos_embed,
+        new_size=(h, w),
+        old_size=model.patch_embed.grid_size,
+        num_prefix_tokens=0 if own else num_prefix_tokens(model),
     )
-    x = torch.cat([model.cls_token.expand(b, -1, -1), x], dim=1) + pos
+    x = torch.cat([*prefix, x + pos], dim=1) if own else torch.cat([*prefix, x], dim=1) + pos
     x = model.norm_pre(model.patch_drop(model.pos_drop(x)))
     return x, (h, w)
 
@@ -114,10 +163,11 @@ def extract_many(
     """Several (facet, layer) grids from one forward pass.
 
     Returns ``{(facet, layer): [B, h, w, D]}`` with the layer keys as given; with ``include_cls`` each
-    value is ``(grid [B, h, w, D], cls [B, D])``. ``key``/``query``/``value`` concatenate the heads
+    value is ``(grid [B, h, w, D], cls [B, D])``. The grids hold the patches only (CLS and register tokens
+    dropped; registers are returned by no facet). ``key``/``query``/``value`` concatenate the heads
     (head-major, ``D = embed_dim``), ``token`` is the block output, ``attn`` gives each patch's
-    attention row over all ``T = 1 + h*w`` tokens per head, ``D = heads * T`` (CLS row: see
-    :func:`attention`).
+    attention row over all ``T = P + h*w`` tokens per head (prefix columns first, so rows sum to 1),
+    ``D = heads * T`` (CLS row: see :func:`attention`).
     """
     requests = list(requests)
     if not requests:
@@ -132,7 +182,7 @@ def extract_many(
     ctx = torch.no_grad() if no_grad else torch.enable_grad()
     with ctx:
         x, (h, w) = embed(model, images, stride)
-        b = x.shape[0]
+        b, n_pre = x.shape[0], num_prefix_tokens(model)
         for i, block in enumerate(model.blocks):
             if i in wanted:
                 facets = {f for f, _ in wanted[i]}
@@ -147,7 +197,7 @@ def extract_many(
                     else:
                         t = qkv[{"query": 0, "key": 1, "value": 2}[facet]]
                         full = t.permute(0, 2, 1, 3).reshape(b, t.shape[2], -1)
-                    grid = full[:, 1:].reshape(b, h, w, -1)
+                    grid = full[:, n_pre:].reshape(b, h, w, -1)
                     out[(facet, layer)] = (grid, full[:, 0]) if include_cls else grid
                 x = x_out
             else:
@@ -166,7 +216,7 @@ def extract(
     include_cls: bool = False,
     no_grad: bool = True,
 ):
-    """Dense descriptors ``[B, h, w, D]`` of one facet at one block (CLS excluded).
+    """Dense descriptors ``[B, h, w, D]`` of one facet at one block (CLS and register tokens excluded).
 
     ``images``: ImageNet-normalised float ``[B, 3, H, W]`` (or ``[3, H, W]``). ``layer``: block index,
     0-based, negative from the end (DINO-ViT-S: 0..11; the thesis uses layer 9 keys for
@@ -177,7 +227,8 @@ def extract(
 
 
 def attention(model: nn.Module, images: torch.Tensor, layer: int = -1, stride: int | None = None) -> torch.Tensor:
-    """Attention probabilities ``[B, heads, T, T]`` of block ``layer`` (token 0 is CLS)."""
+    """Attention probabilities ``[B, heads, T, T]`` of block ``layer``: token 0 is CLS, tokens ``1 .. P-1``
+    the registers (:func:`num_prefix_tokens`), then the ``h*w`` patches row-major."""
     images, stride = _check(model, images, stride)
     idx = _layer_index(model, layer)
     with torch.no_grad():
@@ -197,10 +248,10 @@ def cls_attention(
     stride: int | None = None,
     heads: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """CLS-to-patch attention ``[B, heads', h, w]`` of block ``layer`` (raw probabilities)."""
-    images, stride = _check(model, images, stride)
+    """CLS-to-patch attention ``[B, heads', h, w]`` of block ``layer`` (raw probabilities over the patches
+    only: with registers it sums to less than 1, the rest going to CLS and the registers)."""
+    a = attention(model, images, layer, stride)[:, :, 0, num_prefix_tokens(model) :]
     h, w = grid_size(images.shape[-2], images.shape[-1], patch_size(model), stride)
-    a = attention(model, images, layer, stride)[:, :, 0, 1:]
     if heads is not None:
         heads = list(heads)
         if not heads or max(heads) >= a.shape[1] or min(heads) < -a.shape[1]:

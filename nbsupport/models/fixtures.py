@@ -9,6 +9,11 @@ pointed there and ``NBSUPPORT_OFFLINE=1`` run the same code as the real weights:
 - DINO (``dino_vits16``, ``dino_vits8``, ``dino_vitb16``, ``dino_vitb8``): a plain dict of the ViT backbone's
   tensors with the keys and shapes of ``facebookresearch/dino``'s ``vision_transformer.py`` at 224 px (what
   its ``hubconf.py`` loads strictly).
+- DINOv2 (``dinov2_vits14``, ``dinov2_vitb14`` and their ``_reg`` variants), at ``dinov2/<file>``: the same,
+  with the keys of ``facebookresearch/dinov2``'s ``DinoVisionTransformer`` as ``hub/backbones.py`` builds it
+  (518 px, patch 14, ``block_chunks=0``): ``cls_token``, ``pos_embed`` (1 + 37 * 37 positions),
+  ``register_tokens`` (``_reg``: 4), ``mask_token``, ``patch_embed.proj``, blocks with ``ls1.gamma`` /
+  ``ls2.gamma``, ``norm``.
 - GroupViT (``group_vit_gcc_yfcc_30e``, ``group_vit_gcc_redcap_30e``): the dict NVlabs' ``save_checkpoint``
   writes: ``model`` (the ``MultiLabelContrastive`` state dict, an OrderedDict with ``_metadata``; the RedCaps
   run has ``multi_label: 0`` and so no ``multi_label_logit_scale``), ``optimizer`` (AdamW groups; the moments
@@ -62,8 +67,9 @@ from nbsupport.models.groupvit.weights import weights_path
 #: Bumped whenever the bytes written for a (name, seed) change; a cached file of another format is rewritten.
 FORMAT = 1
 DINO_NAMES = ("dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8")
+DINOV2_NAMES = ("dinov2_vits14", "dinov2_vits14_reg", "dinov2_vitb14", "dinov2_vitb14_reg")
 GROUPVIT_NAMES = ("group_vit_gcc_yfcc_30e", "group_vit_gcc_redcap_30e")
-NAMES = DINO_NAMES + GROUPVIT_NAMES
+NAMES = DINO_NAMES + DINOV2_NAMES + GROUPVIT_NAMES
 NOTE = "seeded random weights in the layout of the official release; NOT the release: it has learned nothing"
 
 
@@ -112,6 +118,30 @@ def dino_layout(arch: backbones.Arch) -> list[Spec]:
     out += [Spec("patch_embed.proj.weight", (dim, 3, p, p)), Spec("patch_embed.proj.bias", (dim,))]
     for i in range(arch.depth):
         _vit_block(out, f"blocks.{i}.", dim)
+    _norm(out, "norm.", dim)
+    return out
+
+
+def dinov2_layout(arch: backbones.Arch) -> list[Spec]:
+    """The tensors of a released DINOv2 backbone file in their order (``DinoVisionTransformer``: own
+    parameters ``cls_token``, ``pos_embed``, ``register_tokens`` when there are registers, ``mask_token``;
+    then ``patch_embed``, ``blocks`` (norm1, attn, ls1, norm2, mlp, ls2), ``norm``). LayerScale gammas are
+    drawn around 1 (spread 0.1), so every channel's scale differs and a dropped or swapped one shows."""
+    dim, p = arch.embed_dim, arch.patch_size
+    out = [Spec("cls_token", (1, 1, dim)), Spec("pos_embed", (1, (arch.img_size // p) ** 2 + 1, dim))]
+    if arch.reg_tokens:
+        out.append(Spec("register_tokens", (1, arch.reg_tokens, dim)))
+    out += [Spec("mask_token", (1, dim))]
+    out += [Spec("patch_embed.proj.weight", (dim, 3, p, p)), Spec("patch_embed.proj.bias", (dim,))]
+    for i in range(arch.depth):
+        b = f"blocks.{i}."
+        _norm(out, b + "norm1.", dim)
+        _linear(out, b + "attn.qkv.", dim, 3 * dim)
+        _linear(out, b + "attn.proj.", dim, dim)
+        out.append(Spec(b + "ls1.gamma", (dim,), "one", 0.1))
+        _norm(out, b + "norm2.", dim)
+        _mlp(out, b + "mlp.", dim, int(dim * arch.mlp_ratio), dim)
+        out.append(Spec(b + "ls2.gamma", (dim,), "one", 0.1))
     _norm(out, "norm.", dim)
     return out
 
@@ -467,7 +497,7 @@ class _OrderedDictWithMeta(collections.OrderedDict):
 # ============================================================================================== writing
 def target_path(name: str, cache_dir: str | Path) -> Path:
     """Where the loaders look for release ``name`` under ``cache_dir`` (``NBSUPPORT_CACHE``)."""
-    if name in DINO_NAMES:
+    if name in DINO_NAMES or name in DINOV2_NAMES:
         return backbones.expected_path(name, cache_dir)
     if name in GROUPVIT_NAMES:
         return weights_path(name, cache_dir)
@@ -475,7 +505,7 @@ def target_path(name: str, cache_dir: str | Path) -> Path:
 
 
 def release_url(name: str) -> str:
-    return backbones.OFFICIAL[name].url if name in DINO_NAMES else GROUPVIT_URLS[name]
+    return GROUPVIT_URLS[name] if name in GROUPVIT_NAMES else backbones.release(name).url
 
 
 def _is_current(path: Path, name: str, seed: int) -> bool:
@@ -517,8 +547,9 @@ def write_official_weights(cache_dir: str | Path, names: Iterable[str] | None = 
                 "Refusing to overwrite it; point cache_dir at a folder of its own."
             )
         marker = {"kind": FIXTURE_KIND, "name": name, "seed": seed, "format": FORMAT, "note": NOTE}
-        if name in DINO_NAMES:
-            sd, makers = _refs(dino_layout(backbones.OFFICIAL[name].arch), seed, name)
+        if name in DINO_NAMES or name in DINOV2_NAMES:
+            layout = dino_layout if name in DINO_NAMES else dinov2_layout
+            sd, makers = _refs(layout(backbones.release(name).arch), seed, name)
             obj = sd  # the released files are a plain dict of the backbone's tensors
         else:
             obj, makers = _groupvit_release(name, seed)

@@ -7,7 +7,7 @@
   ``VOCdevkit/VOC2012`` (voc, voc_aug), ``VOCdevkit/VOC2010`` (context, context59), ``coco`` (val2017,
   train2017, instances and captions JSONs), ``ADEChallengeData2016``, ``cocostuff``, ``cityscapes``,
   ``potsdam``, ``DAVIS``, ``imagenet`` (train folders and CutLER's pseudo-label file);
-- ``cache/``: official-layout checkpoints with seeded random weights for the DINO and GroupViT releases,
+- ``cache/``: official-layout checkpoints with seeded random weights for the DINO, DINOv2 and GroupViT releases,
   marked as fixtures (models loaded from them say "random weights, fixture" in their description);
 - ``fixtures.json``: the version and the root of every dataset (what the profiles' ``{fixtures}/...``
   paths point at).
@@ -25,7 +25,7 @@ from nbsupport.core.io import atomic_write_json
 from nbsupport.data.datasets import ade20k, cityscapes, coco_object, cocostuff, davis, imagenet, potsdam, voc
 
 #: Bump when a fixture's content or layout changes: an older folder is then rebuilt.
-FIXTURE_VERSION = 1
+FIXTURE_VERSION = 2
 INDEX = "fixtures.json"
 
 #: (key, writer): each writes its official tree under the base folder and returns what it planted.
@@ -107,7 +107,7 @@ def add_cli(subparsers) -> None:
     )
     p.add_argument("out", help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-weights", action="store_true", help="datasets only (the checkpoints take ~1 GB)")
+    p.add_argument("--no-weights", action="store_true", help="datasets only (the checkpoints take ~2.2 GB)")
     p.add_argument("--force", action="store_true", help="rewrite even if the folder is complete")
     p.set_defaults(func=_cli)
 

@@ -71,7 +71,9 @@ def init_image_encoder(model: gv.GroupViT, vit) -> list[str]:
     with torch.no_grad():
         enc.patch_embed.proj.load_state_dict(vit.patch_embed.proj.state_dict())
         copied += ["img_encoder.patch_embed.proj.weight", "img_encoder.patch_embed.proj.bias"]
-        pos = vit.pos_embed[:, getattr(vit, "num_prefix_tokens", 1) :]
+        # timm keeps position embeddings for the prefix tokens unless no_embed_class (DINOv2 with registers)
+        skip = 0 if getattr(vit, "no_embed_class", False) else getattr(vit, "num_prefix_tokens", 1)
+        pos = vit.pos_embed[:, skip:]
         enc.pos_embed.copy_(gv.interpolate_pos_embed(pos, (cfg.grid, cfg.grid)))
         copied.append("img_encoder.pos_embed")
         for dst, src in zip(blocks, vit.blocks):
