@@ -283,9 +283,10 @@ def test_aspect_grouping_batches_and_resume(tmp_path, monkeypatch):
     assert any(len(s) == 2 for s in shapes)  # without grouping, batches mix
 
 
-def _notebook_06_config(profile: str):
+def _notebook_06_config(profile: str, overrides: dict | None = None):
     """The CutLER config notebook 06 builds under a runner profile: its parameters cell, the profile's values
-    on top (as the runner injects them), then the notebook's ``cfg = cutler.load_config(...)`` statement."""
+    and ``overrides`` (``-p``) on top (as the runner injects them), then the notebook's
+    ``cfg = cutler.load_config(...)`` statement."""
     import ast
     import json
     from pathlib import Path
@@ -297,7 +298,7 @@ def _notebook_06_config(profile: str):
     ns: dict = {}
     exec(cells[0], ns)  # the parameters cell
     declared = {k: None for k in ns if not k.startswith("__")}
-    ns.update(resolve_parameters(path, profile, load_profiles(), {}, declared=declared))
+    ns.update(resolve_parameters(path, profile, load_profiles(), overrides or {}, declared=declared))
     src = next(c for c in cells if c.startswith("cfg = cutler.load_config("))
     ns["cutler"] = C
     exec(compile(ast.Module(body=[ast.parse(src).body[0]], type_ignores=[]), path.name, "exec"), ns)
@@ -307,8 +308,10 @@ def _notebook_06_config(profile: str):
 def test_notebook_06_profiles_are_config_overrides():
     """No branch on the profile's name: the paper profile's parameters ARE the reference recipe, and the demo
     profile's give the schedule the notebook used to derive from `iterations` and `train_size`."""
-    paper = _notebook_06_config("paper")
-    assert dataclasses.replace(paper, device="auto") == C.CutlerConfig()  # the defaults = the reference
+    required = {"dataset_root": "/data/imagenet", "eval_root": "/data/coco", "weights": "/w/dino_resnet50_pretrain.pth"}
+    paper = _notebook_06_config("paper", required)
+    assert paper.weights == "/w/dino_resnet50_pretrain.pth"  # the DINO ResNet-50 init, required by the profile
+    assert dataclasses.replace(paper, device="auto", weights=None) == C.CutlerConfig()  # the defaults = the reference
     assert paper.max_iter == 160000 and paper.batch_size == 16 and paper.min_size == list(C.REFERENCE_MIN_SIZES)
     demo = _notebook_06_config("demo")
     iterations, train_size = 30, 128  # the old derivation, by hand

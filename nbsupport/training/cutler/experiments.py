@@ -101,14 +101,19 @@ def overlap_flags(data: dict, by: str = "box", min_overlap: float = 0.0) -> dict
     boxes' intersection area exceeds ``min_overlap`` x the smaller box's area (0: any positive
     intersection). ``by="mask"``: the masks share pixels (same rule on mask areas). MaskCut masks are
     pixel-disjoint by construction, so box overlap is what distinguishes touching/occluding instances
-    there. This is our reading of the thesis's "overlapping instances" (Tables 1-2), which it does not define."""
+    there. This is our reading of the thesis's "overlapping instances" (Tables 1-2), which it does not define.
+    Crowd regions (``iscrowd`` 1, COCO's groups of people) are not instances: they are flagged False and
+    overlap nothing."""
     if by not in ("box", "mask"):
         raise ValueError(f"by must be 'box' or 'mask', got {by!r}")
     infos = {im["id"]: im for im in data["images"]}
     per: dict[int, list] = {}
-    for a in data["annotations"]:
-        per.setdefault(a["image_id"], []).append(a)
     flags = {}
+    for a in data["annotations"]:
+        if a.get("iscrowd", 0):
+            flags[a["id"]] = False
+        else:
+            per.setdefault(a["image_id"], []).append(a)
     for iid, anns in per.items():
         n = len(anns)
         ov = np.zeros(n, bool)
@@ -278,6 +283,32 @@ def train_experiments(
             preds = predict(model, PseudoMaskDataset(None, image_root, train=False, data=maskcut), device)
             run("maskcut-filter", build_training_set(maskcut, "maskcut-filter", predictions=preds))
     return runs
+
+
+def maskcut_detections(
+    model, coco, ids=None, size: int = 480, n_masks: int = 3, tau="auto", crf: bool = False, batch_size: int = 8,
+    device=None, progress: bool = False,
+) -> list[dict]:  # fmt: skip
+    """MaskCut alone as a detector (the baseline of Tables 1-2): its masks on the images ``ids`` (default: all)
+    of a :class:`~nbsupport.data.CocoInstances` (:func:`nbsupport.maskcut.pipeline.image_masks`) as COCO
+    detections, RLE, score 1, in image then pass order; each batch is encoded before the next is cut, so a
+    whole split (COCO val2017) never holds its pixel masks at once."""
+    from nbsupport.maskcut.coco import coco_annotations, coco_json
+    from nbsupport.maskcut.pipeline import image_masks
+
+    ids = list(coco.image_ids if ids is None else ids)
+    chunks = range(0, len(ids), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="maskcut", unit="batch")
+    anns = []
+    for s in chunks:
+        chunk = ids[s : s + batch_size]
+        masks = image_masks(model, [coco.load(i) for i in chunk], size, n_masks, tau, crf, device)
+        for i, m in zip(chunk, masks):
+            anns += coco_annotations(m, i)
+    return coco_json([], anns)["annotations"]
 
 
 def evaluate_models(models: dict, dataset, device="cpu", baselines: dict | None = None):
