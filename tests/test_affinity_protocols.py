@@ -131,3 +131,43 @@ def test_dino_groupvit_affinities_share_the_dino_grid():
         torch.testing.assert_close(A.diagonal(), torch.ones(16), atol=1e-5, rtol=0)
     k = F.normalize(features.extract(dino, image_to_tensor(img, 32)[None], "key", 1)[0].reshape(16, -1), dim=1)
     torch.testing.assert_close(aff["DINO"][0], k @ k.T, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def voc_fx(tmp_path_factory):
+    from nbsupport.data.datasets import voc as voc_mod
+
+    return voc_mod.write_fixture(tmp_path_factory.mktemp("vocfx"))
+
+
+def test_contrast_inputs_read_voc_with_its_instances(voc_fx):
+    root = voc_fx["root"]["voc"]
+    images, truth, source = ap.contrast_inputs("voc", root, "val", n_images=3, image_size=32, patch=8)
+    ids = voc_fx["splits"]["voc"]["val"][:3]
+    assert source == "voc val" and len(images) == len(truth) == 3
+    assert [im.size[::-1] for im in images] == [voc_fx["sizes"][i] for i in ids]
+    # the one rule, computed here from the planted label maps
+    ref = GridTruth.from_label_maps(
+        [voc_fx["masks"]["voc"][i] for i in ids], 32, (4, 4), [voc_fx["instances"][i] for i in ids], 8
+    )
+    assert np.array_equal(truth.semantic, ref.semantic) and np.array_equal(truth.instances, ref.instances)
+    assert [c.tolist() for c in truth.instance_class] == [
+        [0, *(v for v, _, _ in voc_fx["objects"]["voc"][i])] for i in ids
+    ]
+    assert (truth.instances >= 1).any() and set(np.unique(truth.semantic)) <= {-1, 0, *range(1, 21)}
+    # asking for more images than the split has gives the split; another dataset has no instances
+    assert len(ap.contrast_inputs("voc", root, "val", n_images=50, image_size=32, patch=8)[0]) == 4
+    _, t_ctx, src = ap.contrast_inputs("context", voc_fx["root"]["context"], "val", 2, 32, 8)
+    assert src == "context val" and (t_ctx.instances == -1).all() and (t_ctx.semantic >= 0).any()
+    with pytest.raises(ValueError, match="needs dataset_root"):
+        ap.contrast_inputs("voc", None)
+
+
+def test_example_object_is_the_first_with_patches():
+    inst = np.zeros((2, 2, 2), np.int64)
+    inst[1, 0, 1] = 2  # image 0: object 1 covers no patch; image 1: object 1 none, object 2 one patch
+    truth = GridTruth(inst.copy(), inst, [np.array([0, 3]), np.array([0, 1, 5])])
+    b, m = ap.example_object(truth)
+    assert b == 1 and m.tolist() == [[False, True], [False, False]]
+    with pytest.raises(ValueError, match="no object"):
+        ap.example_object(GridTruth(inst[:1].copy(), inst[:1], [np.array([0, 3])]))

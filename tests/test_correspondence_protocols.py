@@ -14,13 +14,20 @@ from nbsupport.data.images import image_to_tensor
 from nbsupport.models import backbones
 
 
-def fake_coco(classes: dict):
-    return SimpleNamespace(image_ids=sorted(classes), category_ids=lambda i: list(classes[i]))
+def fake_coco(classes: dict, crowds: dict | None = None):
+    """Images -> object classes, plus crowd regions (``crowds``: image -> classes) that show no instance."""
+    crowds = crowds or {}
+
+    def annotations(i):
+        return [{"category_id": c} for c in classes[i]] + [{"category_id": c, "iscrowd": 1} for c in crowds.get(i, [])]
+
+    return SimpleNamespace(image_ids=sorted(classes), annotations=annotations)
 
 
 def test_choose_prototype_by_hand():
-    coco = fake_coco({1: [2], 2: [1, 3], 3: [3, 3], 4: [1, 3], 5: [1]})
-    # image 1: its class 2 is nowhere else; image 2: class 1 (tried first) is also in images 4 and 5
+    coco = fake_coco({1: [2], 2: [1, 3], 3: [3, 3], 4: [1, 3], 5: [1]}, crowds={3: [2], 5: [2]})
+    # image 1: its class 2 is nowhere else (the crowds of class 2 in images 3 and 5 are no objects to match);
+    # image 2: class 1 (tried first) is also in images 4 and 5
     assert cp.choose_prototype(coco, 2) == (2, 1, [4, 5])
     assert cp.choose_prototype(coco, 1) == (2, 1, [4])
     assert cp.choose_prototype(coco, 1, ids=[3, 4, 5]) == (3, 3, [4])
@@ -98,3 +105,25 @@ def test_round_trip_on_planted_vectors():
     assert cp.round_trip(a2, b2, 0)[1] == 0 and cp.round_trip(a2, b2, 0)[3] == 1
     with pytest.raises(ValueError, match="outside"):
         cp.round_trip(a, b, 5)
+
+
+def test_prototype_queries_on_voc_and_coco_fixtures(tmp_path):
+    from nbsupport.data.datasets import coco_object, voc
+    from nbsupport.data.instances import instance_dataset
+
+    planted = voc.write_fixture(tmp_path)
+    inst = instance_dataset("voc", planted["root"]["voc"], "val")
+    study = cp.prototype_queries(inst, 1)
+    voc_ids = [inst.image_info(i)["voc_id"] for i in study.ids]
+    # the val fixture: 2007_000033 cow + bus, 2007_000042 cat + person, 2007_000061 motorbike + cat, ...
+    assert voc_ids == ["2007_000042", "2007_000061"] and study.class_name == "cat" and study.class_id == 8
+    for v in voc_ids:
+        assert 8 in {value for value, _, _ in planted["objects"]["voc"][v]}
+    for lab, img, v in zip(study.labels, study.images, voc_ids):
+        want = planted["masks"]["voc"][v]
+        assert img.size[::-1] == want.shape
+        np.testing.assert_array_equal(lab, np.where(want == 255, -1, want))  # void: unknown, never a match
+    coco = instance_dataset("coco", coco_object.write_fixture(tmp_path)["root"], "val")
+    # a person in 139 and a crowd of people in 285: the crowd is no instance, so no class is shared
+    with pytest.raises(RuntimeError, match="no class is shared by 2 of the 4 images"):
+        cp.prototype_queries(coco, 1)

@@ -14,16 +14,22 @@ from nbsupport.data.coco import CocoInstances
 
 
 def write_coco(root, images):
-    """A COCO instances file: ``images`` = [(H, W, [(bool mask, category id), ...]), ...], ids 1..n."""
+    """A COCO instances file: ``images`` = [(H, W, [(bool mask, category id[, iscrowd]), ...]), ...], ids 1..n."""
     from pycocotools import mask as mu
 
     recs, anns = [], []
     for i, (h, w, objs) in enumerate(images, 1):
         recs.append({"id": i, "file_name": f"{i}.png", "height": h, "width": w})
-        for m, c in objs:
+        for m, c, *crowd in objs:
             rle = mu.encode(np.asfortranarray(m.astype(np.uint8)))
             seg = {"size": [h, w], "counts": rle["counts"].decode("ascii")}
-            ann = {"id": len(anns) + 1, "image_id": i, "category_id": c, "segmentation": seg, "iscrowd": 0}
+            ann = {
+                "id": len(anns) + 1,
+                "image_id": i,
+                "category_id": c,
+                "segmentation": seg,
+                "iscrowd": int(bool(crowd and crowd[0])),
+            }
             anns.append(dict(ann, area=float(m.sum()), bbox=[0, 0, 1, 1]))
     cats = [{"id": c, "name": f"c{c}"} for c in range(1, 8)]
     p = root / "instances.json"
@@ -131,14 +137,14 @@ def test_grid_truth_from_coco_hand_case(tmp_path):
     a = np.zeros((8, 8), bool)
     a[:4, :4] = True  # class 3, the top-left quarter
     b = np.zeros((8, 8), bool)
-    b[3:8, 3:8] = True  # class 5, drawn after a: it wins the overlapping pixel (3, 3)
+    b[3:8, 3:8] = True  # class 5: larger than a, so a (the smaller) wins the overlapping pixel (3, 3)
     c = np.zeros((6, 4), bool)
     c[:, :2] = True  # a 6 x 4 image: resized to 8 x 8, its left half
     coco = write_coco(tmp_path, [(8, 8, [(a, 3), (b, 5)]), (6, 4, [(c, 7)]), (8, 8, [])])
     truth = GridTruth.from_coco(coco, [1, 2, 3], (16, 16), (4, 4), patch=4)
     assert truth.semantic.shape == truth.instances.shape == (3, 4, 4) and len(truth) == 3
-    # image 1 at 16 x 16: a = input rows/cols 0..7 less (6..7, 6..7), b = rows/cols 6..15. Patch (1, 1) is
-    # 12/16 a; patches (1, 2) and (2, 1) are half b, half background: a tie, won by the smaller label (0)
+    # image 1 at 16 x 16: a = input rows/cols 0..7, b = rows/cols 6..15 less a. Patch (1, 1) is a; patches
+    # (1, 2) and (2, 1) are half b, half background: a tie, won by the smaller label (0)
     assert truth.semantic[0].tolist() == [[3, 3, 0, 0], [3, 3, 0, 0], [0, 0, 5, 5], [0, 0, 5, 5]]
     assert truth.instances[0].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 2, 2], [0, 0, 2, 2]]
     assert truth.semantic[1].tolist() == [[7, 7, 0, 0]] * 4 and truth.instances[1].max() == 1
@@ -148,6 +154,20 @@ def test_grid_truth_from_coco_hand_case(tmp_path):
     om = truth.object_masks(0)
     assert om.shape == (2, 4, 4) and om[0].sum() == 4 and om[1].sum() == 4 and not (om[0] & om[1]).any()
     assert truth.object_masks(2).shape == (0, 4, 4)
+
+
+def test_grid_truth_from_coco_crowd_is_ignored_and_the_smaller_object_is_on_top(tmp_path):
+    small = np.zeros((8, 8), bool)
+    small[4:, 4:] = True  # class 4, listed first: under annotation order the large object would cover it
+    crowd = np.zeros((8, 8), bool)
+    crowd[:4, 4:] = True  # class 2, a crowd region: no class, no instance
+    large = np.zeros((8, 8), bool)
+    large[4:, :] = True  # class 3
+    coco = write_coco(tmp_path, [(8, 8, [(small, 4), (crowd, 2, True), (large, 3)])])
+    truth = GridTruth.from_coco(coco, [1], 8, (2, 2), patch=4)
+    assert truth.semantic[0].tolist() == [[0, -1], [3, 4]]
+    assert truth.instances[0].tolist() == [[0, -1], [2, 1]]  # objects numbered without the crowd
+    assert truth.instance_class[0].tolist() == [0, 4, 3] and truth.n_objects == 2
 
 
 def test_grid_truth_from_label_maps_voc_style():

@@ -1,10 +1,13 @@
 """The feature-affinity studies as pipelines: thesis 4.1 / Fig 8 (notebook 01) and 5.14.1 / Fig 26 (notebook 07).
 
 Notebook 01 asks which similarity measure, facet and layer separates object classes, beside a
-random-init floor: :func:`study_inputs` (images + patch ground truth), :func:`summarise_features` (what
-is kept of every (facet, layer) grid of each model), then one call per table (:func:`object_separability`,
-:func:`prompt_sweep`, :func:`main_patch_pairs`, :func:`patch_separability`). Notebook 07 compares the
-contrast of DINO keys and GroupViT stage-1 tokens: :func:`dino_groupvit_affinities` and
+random-init floor: :func:`study_inputs` (images + patch ground truth of any
+:class:`~nbsupport.data.CocoInstances`: the synthetic world, COCO, VOC's objects), :func:`summarise_features`
+(what is kept of every (facet, layer) grid of each model), then one call per table
+(:func:`object_separability`, :func:`prompt_sweep` with :func:`example_object` for its figure,
+:func:`main_patch_pairs`, :func:`patch_separability`). Notebook 07 compares the contrast of DINO keys and
+GroupViT stage-1 tokens: :func:`contrast_inputs` (images + patch labels of the synthetic world, PASCAL VOC
+with its instances, or any segmentation dataset), :func:`dino_groupvit_affinities` and
 :func:`contrast_summary`. The measures themselves live in :mod:`nbsupport.analysis.affinity`.
 """
 
@@ -142,6 +145,16 @@ def prompt_sweep(summaries: dict, truth: GridTruth, thresholds):
     return pd.DataFrame(rows).T
 
 
+def example_object(truth: GridTruth) -> tuple[int, np.ndarray]:
+    """``(image index, patch mask [h, w])`` of the object the prompt-patch figure shows: the first object
+    (images in order, then objects in order) that holds at least one patch. ValueError when none does."""
+    for b in range(len(truth)):
+        for m in truth.object_masks(b):
+            if m.any():
+                return b, m
+    raise ValueError("no object covers a majority of any patch: use larger images or objects")
+
+
 def main_patch_pairs(summaries: dict, truth: GridTruth, max_pairs: int = 20000, seed: int = 0):
     """MMC protocol (b) on every model's main grids: ``({tag: (intra [n], inter [n])}, table)``, the cosine
     scores of same-class and different-class object patch pairs (background excluded) and one row of
@@ -171,6 +184,51 @@ def patch_separability(summaries: dict, max_pairs: int = 20000, seed: int = 0):
 
 # ----------------------------------------------------------------------------------------------------
 # Notebook 07: DINO keys vs GroupViT stage-1 tokens (thesis 5.14.1, Fig 26)
+
+
+def contrast_inputs(
+    dataset: str | None,
+    root=None,
+    split: str = "val",
+    n_images: int = 10,
+    image_size: int = 128,
+    patch: int = 8,
+    seed: int = 0,
+) -> tuple[list, GridTruth, str]:
+    """The images of notebook 07 and their ground truth on the ``patch``-pixel grid of an ``image_size``
+    input: ``(images [PIL], truth, source)``.
+
+    ``dataset=None``: the synthetic world's ``split`` (``n_images`` scenes rendered at ``image_size`` px,
+    ``seed``), truth from its instances (:meth:`GridTruth.from_coco`). ``"voc"``: the first ``n_images`` of
+    PASCAL VOC 2012's ``split`` under ``root`` (``VOCdevkit/VOC2012``) with their ``SegmentationObject``
+    instances (:meth:`GridTruth.from_label_maps`, 255 ignored). Any other name of
+    :func:`~nbsupport.data.datasets.segmentation_dataset`: its semantic labels only (no instances). ``source``:
+    the data in a few words for titles (``"voc val"``)."""
+    from nbsupport.data.datasets import segmentation_dataset
+    from nbsupport.data.instances import describe_dataset
+
+    grid = features.grid_size(image_size, image_size, patch)
+    if dataset is None:
+        from nbsupport.data.scenes import synthetic_coco
+
+        coco = synthetic_coco(n_images=n_images, seed=seed, size=image_size, split=split)
+        ids = coco.image_ids[:n_images]
+        truth = GridTruth.from_coco(coco, ids, image_size, grid, patch)
+        return [coco.load(i) for i in ids], truth, describe_dataset(None, split, seed)
+    if root is None:
+        raise ValueError(f"dataset {dataset!r} needs dataset_root (the folder of its official layout)")
+    ds = segmentation_dataset(dataset, root, split)
+    n = min(int(n_images), len(ds))
+    if n < 1:
+        raise ValueError(f"{ds.name} split {ds.split!r} of {ds.root} has no images")
+    if hasattr(ds, "load_with_instances"):
+        items = [ds.load_with_instances(i) for i in range(n)]
+    else:
+        items = [(*ds[i], None) for i in range(n)]
+    images, semantic, inst = zip(*items)
+    instances = None if all(m is None for m in inst) else list(inst)
+    truth = GridTruth.from_label_maps(list(semantic), image_size, grid, instances, patch)
+    return list(images), truth, describe_dataset(ds.name, ds.split)
 
 
 def dino_groupvit_affinities(dino, gvit, images, layer: int, image_size: int, device="cpu") -> dict:

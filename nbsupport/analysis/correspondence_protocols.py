@@ -1,6 +1,9 @@
 """The best-buddies study of notebook 02 (thesis 2.3, Fig 2; 4.2) as package calls.
 
-:func:`choose_prototype` picks a prototype scene and queries that share one object class,
+:func:`choose_prototype` picks a prototype image and queries that share one object class (any
+:class:`~nbsupport.data.CocoInstances`: the synthetic world, COCO or VOC's objects through
+:func:`~nbsupport.data.instances.instance_dataset`), :func:`prototype_queries` loads them with their label
+maps and the shared class's name from the dataset,
 :func:`match_queries` matches the prototype against each query (:func:`~nbsupport.analysis.correspondences.match`),
 :func:`k_table` counts relaxed best buddies and their same-class precision for every ``k``,
 :func:`shifted_copy_control` checks the machinery on a case whose answer is known exactly, and
@@ -32,18 +35,53 @@ from nbsupport.models import features
 def choose_prototype(coco, n_queries: int, ids=None) -> tuple[int, int, list[int]]:
     """``(prototype id, shared class id, query ids)``: the first image (in id order) with a class that at
     least ``n_queries`` other images also contain (its classes tried in increasing id order), and the first
-    ``n_queries`` of those images; so correct correspondences exist. RuntimeError when no class is shared
-    by ``n_queries + 1`` images."""
+    ``n_queries`` of those images; so correct correspondences exist. Only objects count: COCO's crowd
+    regions show no instance (:func:`~nbsupport.data.instances.object_category_ids`). RuntimeError when
+    no class is shared by ``n_queries + 1`` images."""
+    from nbsupport.data.instances import object_category_ids
+
     if n_queries < 1:
         raise ValueError(f"n_queries must be >= 1, got {n_queries}")
     ids = list(coco.image_ids if ids is None else ids)
-    classes_of = {i: set(coco.category_ids(i)) for i in ids}
+    classes_of = {i: set(object_category_ids(coco, i)) for i in ids}
     for proto in ids:
         for cls in sorted(classes_of[proto]):
             queries = [i for i in ids if i != proto and cls in classes_of[i]][:n_queries]
             if len(queries) == n_queries:
                 return proto, cls, queries
     raise RuntimeError(f"no class is shared by {n_queries + 1} of the {len(ids)} images: use more images")
+
+
+@dataclass
+class PrototypeQueries:
+    """:func:`prototype_queries`' result: ``ids`` (prototype first, then the queries), ``images`` (PIL, original
+    frames), ``labels`` (int64 ``[H, W]`` per image: 0 background, the category id of the object on top, -1
+    where nothing may be judged: crowd regions, VOC's void band), the shared class ``class_id`` and its
+    ``class_name`` (the dataset's own)."""
+
+    ids: list
+    images: list
+    labels: list
+    class_id: int
+    class_name: str
+
+
+def prototype_queries(coco, n_queries: int, ids=None) -> PrototypeQueries:
+    """The prototype and the queries of :func:`choose_prototype` among ``ids`` (default: all) of a
+    :class:`~nbsupport.data.CocoInstances`, loaded with their label maps
+    (:func:`~nbsupport.data.instances.semantic_labels`, ignored pixels -1 so that they never count as a
+    match in :func:`~nbsupport.analysis.correspondences.pair_precision`)."""
+    from nbsupport.data.instances import semantic_labels
+
+    proto, cls, queries = choose_prototype(coco, n_queries, ids)
+    chosen = [proto, *queries]
+    return PrototypeQueries(
+        chosen,
+        [coco.load(i) for i in chosen],
+        [semantic_labels(coco, i, ignore=-1) for i in chosen],
+        int(cls),
+        coco.categories[cls],
+    )
 
 
 def match_queries(

@@ -174,18 +174,20 @@ class GridTruth:
 
     @classmethod
     def from_coco(cls, coco, ids, input_hw, grid_hw, patch=None, min_fraction: float = 0.5) -> "GridTruth":
-        """From COCO instance annotations (a :class:`~nbsupport.data.CocoInstances`) of the images ``ids``:
-        an id map with later annotations on top (as ``coco.semantic_mask`` draws them), its semantic map,
-        both brought onto the grid by :func:`labels_to_grid`; object ``k`` is the ``k``-th annotation."""
+        """From COCO instance annotations (a :class:`~nbsupport.data.CocoInstances`: the synthetic world, COCO,
+        VOC's objects) of the images ``ids``: the id map of :func:`~nbsupport.data.instances.instance_map`
+        (object ``k`` = the ``k``-th non-crowd annotation, the smaller object on top where two overlap) and its
+        semantic map, both brought onto the grid by :func:`labels_to_grid`. Crowd regions and VOC's void band
+        are ignored: a patch they dominate has no class and no instance (-1), like VOC's 255 in
+        :meth:`from_label_maps`."""
+        from nbsupport.data.instances import instance_map
+
         sem, inst, cls_of = [], [], []
         for i in ids:
-            masks, cats = coco.instance_masks(i), coco.category_ids(i)
-            ids_map = np.zeros(masks.shape[1:], np.int64)
-            for k, m in enumerate(masks, 1):
-                ids_map[m] = k
-            classes = np.array([0, *cats], np.int64)
-            sem.append(labels_to_grid(classes[ids_map], input_hw, grid_hw, patch, 255, min_fraction))
-            inst.append(labels_to_grid(ids_map, input_hw, grid_hw, patch, None, min_fraction))
+            ids_map, classes = instance_map(coco, i)
+            semantic = np.where(ids_map < 0, 255, classes[np.maximum(ids_map, 0)])
+            sem.append(labels_to_grid(semantic, input_hw, grid_hw, patch, 255, min_fraction))
+            inst.append(labels_to_grid(ids_map, input_hw, grid_hw, patch, -1, min_fraction))
             cls_of.append(classes)
         return cls(np.stack(sem), np.stack(inst), cls_of)
 

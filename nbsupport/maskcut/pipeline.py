@@ -75,6 +75,34 @@ def image_masks(
     )
 
 
+def iter_masks(
+    model,
+    coco,
+    ids=None,
+    size: int = 480,
+    n_masks: int = 3,
+    tau="auto",
+    crf: bool = False,
+    batch_size: int = 8,
+    device=None,
+    progress: bool = False,
+    stats: SolverStats | None = None,
+):
+    """:func:`image_masks` for the images ``ids`` (default: all) of a :class:`~nbsupport.data.CocoInstances`,
+    in batches of ``batch_size``, one ``(image_id, masks [n_masks, H, W])`` at a time: what a whole split
+    (COCO val2017, 5,000 images) is scored from without holding every mask."""
+    ids = list(coco.image_ids if ids is None else ids)
+    chunks = range(0, len(ids), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="maskcut", unit="batch")
+    for s in chunks:
+        chunk = ids[s : s + batch_size]
+        pils = [coco.load(i) for i in chunk]
+        yield from zip(chunk, image_masks(model, pils, size, n_masks, tau, crf, device, stats=stats))
+
+
 def dataset_masks(
     model,
     coco,
@@ -90,19 +118,7 @@ def dataset_masks(
 ) -> dict[int, np.ndarray]:
     """:func:`image_masks` for the images ``ids`` (default: all) of a :class:`~nbsupport.data.CocoInstances`,
     in batches of ``batch_size``: ``{image_id: masks [n_masks, H, W]}``."""
-    ids = list(coco.image_ids if ids is None else ids)
-    chunks = range(0, len(ids), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc="maskcut", unit="batch")
-    out = {}
-    for s in chunks:
-        chunk = ids[s : s + batch_size]
-        pils = [coco.load(i) for i in chunk]
-        for i, m in zip(chunk, image_masks(model, pils, size, n_masks, tau, crf, device, stats=stats)):
-            out[i] = m
-    return out
+    return dict(iter_masks(model, coco, ids, size, n_masks, tau, crf, batch_size, device, progress, stats))
 
 
 def to_coco(coco, masks_by_id: dict) -> dict:
@@ -115,26 +131,35 @@ def to_coco(coco, masks_by_id: dict) -> dict:
     return coco_json(images, anns)
 
 
-def score(coco, masks_by_id: dict) -> dict:
+def _recall(coco, image_id, masks: np.ndarray) -> float:
+    """Recall at IoU 0.5 of one image's ground-truth objects (crowd regions are no instance to find)."""
+    crowd = np.array([bool(a.get("iscrowd", 0)) for a in coco.annotations(image_id)], bool)
+    gt = coco.instance_masks(image_id)[~crowd]
+    return metrics.mask_recall(gt, masks[masks.any(axis=(1, 2))] if len(masks) else masks)
+
+
+def score(coco, masks_by_id) -> dict:
     """Class-agnostic mask AP / AP50 (pycocotools, percent) of MaskCut masks against ``coco``'s ground truth
-    on the images in ``masks_by_id`` (every mask scored 1, as MaskCut gives no score), the mean recall of
-    ground-truth instances at IoU 0.5, and the number of masks."""
-    ids = list(masks_by_id)
-    dets = to_coco(coco, masks_by_id)["annotations"]
-    recalls = []
-    for i in ids:
-        m = masks_by_id[i]
-        recalls.append(metrics.mask_recall(coco.instance_masks(i), m[m.reshape(len(m), -1).any(1)]))
+    on the images in ``masks_by_id`` (every mask scored 1, as MaskCut gives no score; crowd regions are
+    pycocotools' ignore regions), the mean recall of ground-truth objects at IoU 0.5 (crowd regions left
+    out), and the number of masks. ``masks_by_id``: ``{image_id: masks [n, H, W]}`` or any iterable of
+    ``(image_id, masks)`` pairs (:func:`iter_masks`: scored one image at a time, the masks not kept)."""
+    pairs = masks_by_id.items() if isinstance(masks_by_id, dict) else masks_by_id
+    ids, dets, recalls = [], [], []
+    for i, m in pairs:
+        ids.append(i)
+        dets += coco_annotations(m, i)
+        recalls.append(_recall(coco, i, m))
     gt = {
         **coco.coco.dataset,
         "images": [coco.image_info(i) for i in ids],
         "annotations": [a for i in ids for a in coco.annotations(i)],
     }
-    ap = metrics.coco_ap(gt, dets, "segm")
+    ap = metrics.coco_ap(gt, coco_json([], dets)["annotations"], "segm")
     return {
         "mask AP": ap["AP"],
         "mask AP50": ap["AP50"],
-        "recall@0.5": float(np.nanmean(recalls)) if recalls else float("nan"),
+        "recall@0.5": float(np.nanmean(recalls)) if not np.all(np.isnan(recalls)) else float("nan"),
         "masks": len(dets),
     }
 
@@ -150,15 +175,16 @@ def score_models(
     batch_size: int = 8,
     device=None,
     stats: SolverStats | None = None,
+    progress: bool = False,
 ):
     """MaskCut against ground truth for several backbones (e.g. a model and its random-init floor):
-    :func:`dataset_masks` then :func:`score` per entry of ``models`` (``{tag: backbone}``). One DataFrame
-    row per tag: model, backbone, tau (as resolved for that backbone), mask AP, mask AP50, recall@0.5,
-    masks."""
+    :func:`iter_masks` into :func:`score` per entry of ``models`` (``{tag: backbone}``), one image at a time.
+    One DataFrame row per tag: model, backbone, tau (as resolved for that backbone), mask AP, mask AP50,
+    recall@0.5, masks."""
     import pandas as pd
 
     rows = []
     for tag, m in models.items():
-        masks = dataset_masks(m, coco, ids, size, n_masks, tau, crf, batch_size, device, stats=stats)
+        masks = iter_masks(m, coco, ids, size, n_masks, tau, crf, batch_size, device, progress, stats)
         rows.append({"model": tag, "backbone": describe(m), "tau": resolve_tau(tau, m), **score(coco, masks)})
     return pd.DataFrame(rows, columns=["model", "backbone", "tau", "mask AP", "mask AP50", "recall@0.5", "masks"])
