@@ -5,7 +5,7 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.nbsupport-installed
 ARGS   ?=
 
-.PHONY: demo test lint smoke paper venv lab clean-runs
+.PHONY: demo test lint smoke fixture paper venv lab clean-runs
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -18,11 +18,12 @@ venv: $(STAMP)
 demo: $(STAMP)  ## run every notebook on the offline default into runs/<timestamp>-demo/
 	$(VPY) -m nbsupport run --profile demo $(ARGS)
 
-test: $(STAMP)  ## ruff (lint + format check), pytest, then every notebook headless in the smoke profile
+test: $(STAMP)  ## ruff (lint + format check), pytest, every notebook in smoke, then in fixture (the real path offline)
 	$(VENV)/bin/ruff check nbsupport tests benchmarks notebooks
 	$(VENV)/bin/ruff format --check nbsupport tests benchmarks notebooks
 	$(VPY) -m pytest -q
 	$(VPY) -m nbsupport run --profile smoke $(ARGS)
+	$(VPY) -m nbsupport run --profile fixture $(ARGS)
 
 lint: $(STAMP)  ## ruff lint + format check only
 	$(VENV)/bin/ruff check nbsupport tests benchmarks notebooks
@@ -30,6 +31,9 @@ lint: $(STAMP)  ## ruff lint + format check only
 
 smoke: $(STAMP)
 	$(VPY) -m nbsupport run --profile smoke $(ARGS)
+
+fixture: $(STAMP)  ## every notebook on the paper code paths, offline: fixtures in the official layouts, random weights
+	$(VPY) -m nbsupport run --profile fixture $(ARGS)
 
 paper: $(STAMP)  ## real weights and datasets (needs downloads and a GPU)
 	$(VPY) -m nbsupport run --profile paper $(ARGS)

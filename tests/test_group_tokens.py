@@ -1,12 +1,16 @@
 """Thesis 5.4 pipelines (nbsupport.analysis.group_tokens): token collection, visual grouping by KNN on planted
-tokens (Table 4 by hand), Table 3 against a step-by-step re-computation, Fig 23 embeddings of planted clusters."""
+tokens (Table 4 by hand), Table 3 against a step-by-step re-computation (synthetic world; VOC fixture with its
+21 labels and the thesis protocol at full resolution), Fig 23 embeddings of planted clusters."""
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from nbsupport.analysis import group_tokens as gtok
 from nbsupport.analysis import metrics
+from nbsupport.data.datasets import voc
+from nbsupport.data.images import image_to_tensor
 from nbsupport.data.segmentation import segmentation_set
 from nbsupport.models import groupvit as gv
 
@@ -78,7 +82,7 @@ def test_table3_rows_match_a_step_by_step_computation(model, sets):
     train, val = sets
     bank = gtok.collect_tokens(model, train.images, train.semantic, 7)
     tok = gtok.collect_tokens(model, val.images, val.semantic, 7)
-    rows, confs = gtok.grouping_vs_alignment(model, bank, tok, val.images, val.semantic, val.class_names, k=2)
+    rows, confs = gtok.grouping_vs_alignment(model, bank, tok, val, k=2)
     assert [r["type"] for r in rows] == [
         "Original",
         "Visual Grouping (K=2)",
@@ -108,7 +112,46 @@ def test_table3_rows_match_a_step_by_step_computation(model, sets):
     assert rows[3]["mIoU"] == pytest.approx(metrics.miou(c_align))
     assert c_orig.sum() == 3 * 64 * 64
     with pytest.raises(ValueError, match="bg_thresh"):
-        gtok.grouping_vs_alignment(model, bank, tok, val.images, val.semantic, val.class_names, bg_thresh=None)
+        gtok.grouping_vs_alignment(model, bank, tok, val, bg_thresh=None)
+    with pytest.raises(ValueError, match="2 token sets for 3 images"):
+        gtok.grouping_vs_alignment(model, bank, gtok.SegmentTokens(tok.features[:2], tok.soft[:2], tok.groups[:2]), val)
+
+
+@pytest.fixture(scope="module")
+def voc_tree(tmp_path_factory):
+    return voc.write_fixture(tmp_path_factory.mktemp("voc"))
+
+
+def test_table3_on_the_voc_fixture_by_the_thesis_protocol(model, voc_tree):
+    """VOC's own 21 labels (planted classes beyond the synthetic six: no IndexError), the bank from train, the
+    Original row by the sliding window on every image at its original size, scored against the planted
+    original-resolution masks (not the resized ones)."""
+    root, ids = voc_tree["root"]["voc"], voc_tree["splits"]["voc"]["val"]
+    masks = [voc_tree["masks"]["voc"][i] for i in ids]
+    assert max(int(m[m != 255].max()) for m in masks) > 6  # labels the synthetic names could not index
+    train = segmentation_set("voc", 3, 32, 0, "train", root=root)
+    val = segmentation_set("voc", 4, 32, 0, "val", root=root)
+    assert val.n_classes == 21 and val.class_names == list(voc.VOC_CLASSES[1:]) and train.source == "voc train"
+    bank = gtok.collect_tokens(model, train.images, train.semantic, train.n_classes)
+    tok = gtok.collect_tokens(model, val.images, val.semantic, val.n_classes)
+    assert tok.soft.shape == (4, 4, 21) and bank.soft.shape == (3, 4, 21)
+    rows, confs = gtok.grouping_vs_alignment(model, bank, tok, val, k=1, short_side=48, window=32, stride=16)
+    assert confs["original"].shape == (21, 21) and confs["visual grouping"].shape == (21, 21)
+    labelled = sum(int((m != 255).sum()) for m in masks)  # original resolution: 40x56 .. 64x48 images
+    assert confs["original"].sum() == labelled != int((val.semantic != 255).sum())
+    assert confs["visual grouping"].sum() == int((val.semantic != 255).sum())
+    text = gv.text_embeddings(model, val.class_names)
+    c_orig = np.zeros((21, 21), int)
+    for image_id, mask in zip(ids, masks):
+        img = image_to_tensor(Image.open(root / "JPEGImages" / f"{image_id}.jpg").convert("RGB"))
+        assert tuple(img.shape[-2:]) == voc_tree["sizes"][image_id] == mask.shape
+        pred = gv.segment(model, img, text_embeds=text, short_side=48, window=32, stride=16, bg_thresh=0.95)
+        c_orig += metrics.confusion_matrix(pred.numpy(), mask, 21)
+    np.testing.assert_array_equal(confs["original"], c_orig)
+    assert rows[0]["mIoU"] == pytest.approx(metrics.miou(c_orig))
+    # the synthetic world's seven labels cannot hold VOC's: a clear error, not an IndexError deep in numpy
+    with pytest.raises(ValueError, match=r"labels \[.*\] outside 0..6"):
+        gtok.collect_tokens(model, val.images, val.semantic, 7)
 
 
 def test_embed_tokens_keeps_planted_classes_apart():

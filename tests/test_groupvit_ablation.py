@@ -1,11 +1,18 @@
 """Table 11 fine-tuning runs (nbsupport.training.groupvit.ablation): regulariser names, the schedule by hand,
-one run per row from the same weights, each equal to a plain train() call with that configuration."""
+one run per row from the same weights, each equal to a plain train() call with that configuration; the
+validation (synthetic world as the trainer scores it, or VOC val by GroupViT's protocol after each run on the
+COCO captions fixture) and the captions shown."""
 
 import copy
+import json
 
 import pytest
 import torch
 
+from nbsupport.analysis import zero_shot
+from nbsupport.data import caption_labels as textmod
+from nbsupport.data import scenes
+from nbsupport.data.datasets import coco_object, voc
 from nbsupport.models import groupvit as gv
 from nbsupport.training.groupvit import ablation as ab
 from nbsupport.training.groupvit.loop import train
@@ -75,3 +82,63 @@ def test_label_examples_by_hand(tmp_path):
     assert rows[1]["labels"] == ["empty sand", "sand", "<PAD>"] and rows[1]["pad mask"] == [False, False, True]
     assert rows[0]["nouns"] == ["sand"] and rows[0]["noun phrases"] == ["empty sand"]
     assert isinstance(tagger, str) and tagger
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+    base = tmp_path_factory.mktemp("trees")
+    return voc.write_fixture(base), coco_object.write_fixture(base)
+
+
+def test_synthetic_validation_is_the_trainers(tmp_path):
+    """The synthetic Validation scores what the trainer's per-epoch validation scores (same scenes, names and
+    background names) and hands the trainer those scenes."""
+    model = gv.build("small", seed=0)
+    val = ab.validation(None, n_images=4, size=32, seed=0)
+    assert val.synthetic and val.name == "synthetic val" and val.trainer_fields() == {"val_images": 4, "val_size": 32}
+    assert val.templates == textmod.TEMPLATES
+    images, semantic = scenes.synthetic_scenes(4, 0, 32)
+    names, bgs = scenes.synthetic_class_names("name")
+    assert val(model)["miou"] == zero_shot.zero_shot_miou(model, images, semantic, names, bgs)["miou"]
+    cfg = ab.finetune_config(tmp_path / "s", epochs=1, lr=1e-3, threads=1, **{**TINY, **val.trainer_fields()})
+    res = ab.finetune(model, cfg, validate=val)  # the trainer validated: nothing added
+    assert [h["type"] for h in res["history"]].count("val") == 1 and "data" not in res["val"]
+
+
+def test_real_validation_after_each_run_on_coco_captions(tmp_path, trees):
+    """Fine-tuning on the official COCO captions layout, validated on VOC val by the protocol after the run
+    (the trainer scores nothing): the recorded mIoU is protocol_miou of the fine-tuned model with the
+    dataset's class names; Table 11's column names the data."""
+    voc_tree, coco_tree = trees
+    val = ab.validation("voc", voc_tree["root"]["voc"], "val", 2, 32, 0, 0.95, short_side=32, window=32, stride=16)
+    assert not val.synthetic and val.name == "voc val" and val.trainer_fields() == {"val_images": 0}
+    assert len(val.data) == 2 and val.data.class_names == list(voc.VOC_CLASSES[1:])
+    fields = dict(TINY, batch_size=2, **val.trainer_fields())
+    fields.pop("val_size")
+    root = coco_tree["root"]
+    cfg = ab.finetune_config(
+        tmp_path / "main",
+        epochs=1,
+        lr=1e-3,
+        threads=1,
+        data=str(root / "annotations/captions_train2017.json"),
+        **fields,
+    )
+    base = gv.build("small", seed=0)
+    res = ab.finetune(base, cfg, validate=val)
+    assert val.templates == ("a photo of a {}.",)  # GroupViT's evaluation prompt
+    ref = zero_shot.protocol_miou(res["model"], val.data, 32, 32, 16, 0.95, val.templates)
+    assert res["val"]["miou"] == ref["miou"] and res["val"]["data"] == "voc val"
+    assert (res["val"]["epoch"], res["val"]["step"]) == (1, 1)  # 3 captioned images, batch 2: one step
+    assert res["history"][-1] is res["val"] and [h["type"] for h in res["history"]].count("val") == 1
+    rows, models = ab.regulariser_ablation(base, cfg, ["GE"], tmp_path, before=12.5, validate=val)
+    assert list(rows[0]) == ["Model", "Method", "voc val mIoU"] and rows[0]["voc val mIoU"] == 12.5
+    ge = zero_shot.protocol_miou(models["GE"], val.data, 32, 32, 16, 0.95, ("a photo of a {}.",))["miou"]
+    assert rows[1] == {"Model": "GroupViT", "Method": "GE", "voc val mIoU": ge}
+    # the captions shown: the first of each of the file's first images; the synthetic world's examples
+    data = json.loads((root / "annotations/captions_train2017.json").read_text())
+    first = [next(a["caption"] for a in data["annotations"] if a["image_id"] == im["id"]) for im in data["images"]]
+    assert ab.example_captions(cfg, 2) == first[:2] == [coco_tree["captions"][i][0] for i in (9, 25)]
+    assert ab.training_data(cfg) == "captions_train2017.json"
+    syn = ab.finetune_config(tmp_path / "syn", epochs=1, lr=1e-3)
+    assert ab.example_captions(syn) == list(ab.EXAMPLE_CAPTIONS) and ab.training_data(syn) == "synthetic captions"

@@ -134,3 +134,26 @@ def test_named_datasets_and_dataset_objects(tmp_path):
     assert (a.semantic[0, -1] == 150).all()  # the planted "flag" strip (raw 150) along the bottom
     with pytest.raises(ValueError, match="5 images asked for.*has 4"):
         segmentation_set("ade20k", n_images=5, size=16, root=ade["root"])
+
+
+def test_full_resolution_reads_each_image_again_at_its_original_size(tmp_path):
+    """What GroupViT's protocol scores against: the original image (normalised as image_to_tensor) and the
+    planted original-size labels; Context-59 shifted like the resized set; the synthetic world's scenes are
+    their own full resolution."""
+    planted = voc.write_fixture(tmp_path)
+    root = planted["root"]["voc"]
+    s = segmentation_set("voc", n_images=3, size=16, split="val", root=root)
+    for i, image_id in enumerate(planted["splits"]["voc"]["val"][:3]):
+        img, sem = s.full_resolution(i)
+        h, w = planted["sizes"][image_id]
+        assert img.shape == (3, h, w) and sem.shape == (h, w) and sem.dtype == torch.int64 and (h, w) != (16, 16)
+        np.testing.assert_array_equal(sem.numpy(), planted["masks"]["voc"][image_id])
+        assert torch.equal(img, image_to_tensor(Image.open(root / "JPEGImages" / f"{image_id}.jpg").convert("RGB")))
+    ctx = segmentation_set("context59", n_images=2, size=24, split="train", root=planted["root"]["context59"])
+    raw = planted["raw"]["context59"][planted["splits"]["context59"]["train"][1]]
+    np.testing.assert_array_equal(ctx.full_resolution(1)[1].numpy(), np.where(raw == 0, 255, raw))
+    syn = segmentation_set(None, n_images=2, size=32, seed=1)
+    img, sem = syn.full_resolution(1)
+    assert syn.dataset is None and torch.equal(img, syn.images[1]) and torch.equal(sem, syn.semantic[1])
+    with pytest.raises(IndexError, match="image 3 of a set of 3"):
+        s.full_resolution(3)

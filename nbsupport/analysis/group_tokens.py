@@ -1,7 +1,8 @@
 """GroupViT's two sub-tasks taken apart (thesis 5.4, Eq 47-51): soft labels of final groups from ground
 truth, KNN labelling of group tokens over a balanced feature bank, and ground-truth regions labelled
-through ``L_affinity``; then the pipelines of thesis Table 3 (paper inference vs visual grouping vs
-visual-text alignment), Table 4 (K of the KNN) and Fig 23 (2-D embeddings of the tokens).
+through ``L_affinity``; then the pipelines of thesis Table 3 (paper inference, by GroupViT's evaluation
+protocol at the original resolution, vs visual grouping vs visual-text alignment), Table 4 (K of the KNN)
+and Fig 23 (2-D embeddings of the tokens).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import numpy as np
 import torch
 
 from nbsupport.analysis import embedding, metrics
-from nbsupport.models.groupvit.inference import group_segmentation, segment, text_embeddings
+from nbsupport.analysis.zero_shot import protocol_miou
+from nbsupport.data.segmentation import SegmentationSet
+from nbsupport.models.groupvit.inference import TEMPLATES, group_segmentation, segment, text_embeddings
 from nbsupport.models.groupvit.model import GroupViT
 
 
@@ -84,13 +87,26 @@ class SegmentTokens:
 
 @torch.no_grad()
 def collect_tokens(
-    model: GroupViT, images: torch.Tensor, semantic: torch.Tensor, n_labels: int, batch_size: int = 16
+    model: GroupViT,
+    images: torch.Tensor,
+    semantic: torch.Tensor,
+    n_labels: int,
+    batch_size: int = 16,
+    ignore: int = 255,
 ) -> SegmentTokens:
     """Encode ``images [n, 3, H, W]`` and soft-label every final group by ``semantic [n, H, W]`` (labels
-    ``0 .. n_labels - 1``, 255 ignored; section 5.4.1)."""
+    ``0 .. n_labels - 1``, ``ignore`` skipped; section 5.4.1); a label outside that range is an error naming
+    it."""
     if len(images) != len(semantic) or images.shape[-2:] != semantic.shape[-2:]:
         raise ValueError(
             f"images {tuple(images.shape)} and semantic {tuple(semantic.shape)} must be [n, 3, H, W] and [n, H, W]"
+        )
+    labels = torch.unique(torch.as_tensor(semantic))
+    bad = labels[(labels != ignore) & ((labels < 0) | (labels >= n_labels))]
+    if bad.numel():
+        raise ValueError(
+            f"semantic holds labels {bad.tolist()[:5]} outside 0..{n_labels - 1}: n_labels must count every class "
+            "of the dataset (SegmentationSet.n_classes)"
         )
     dev = next(model.parameters()).device
     feats, soft, groups = [], [], []
@@ -98,7 +114,7 @@ def collect_tokens(
         out = model.encode_image(images[s : s + batch_size].to(dev))
         for b in range(len(out.attn)):
             grp = group_segmentation(out.attn[b], out.grid, tuple(semantic.shape[-2:])).cpu().numpy()
-            soft.append(soft_labels(grp, semantic[s + b].numpy(), out.attn.shape[1], n_labels))
+            soft.append(soft_labels(grp, semantic[s + b].numpy(), out.attn.shape[1], n_labels, ignore))
             feats.append(out.final_tokens[b].cpu().numpy())
             groups.append(grp)
     return SegmentTokens(np.stack(feats), np.stack(soft), np.stack(groups))
@@ -131,45 +147,56 @@ def grouping_vs_alignment(
     model: GroupViT,
     bank: SegmentTokens,
     val: SegmentTokens,
-    images: torch.Tensor,
-    semantic: torch.Tensor,
-    class_names,
+    data: SegmentationSet,
     k: int = 10,
     max_per_class: int = 1000,
     bg_thresh: float = 0.95,
     seed: int = 0,
+    short_side: int | None = None,
+    window: int | None = None,
+    stride: int = 224,
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """Thesis Table 3 for one model on ``images [n, 3, H, W]`` / ``semantic [n, H, W]`` (0 = background, ``i``
-    = ``class_names[i - 1]``): rows ``{"type", "mIoU"}`` for the paper inference (:func:`segment` on the whole
-    image, top-5 classes, background threshold ``bg_thresh``, Eq 29-35), visual grouping (KNN with ``k``
-    over ``bank``, Eq 48-49; also without the background class, "WB") and visual-text alignment (ground-truth
-    regions labelled through ``L_affinity``, Eq 50-51); and the confusion matrices of ``"original"`` and
-    ``"visual grouping"``."""
+    """Thesis Table 3 for one model on the evaluation set ``data`` (``val`` = its tokens; labels 0 =
+    background, ``i`` = ``data.class_names[i - 1]``): rows ``{"type", "mIoU"}`` for
+
+    - the paper inference (:func:`~nbsupport.analysis.zero_shot.protocol_miou`, Eq 29-35: every image at its
+      original resolution, short side resized to ``short_side``, sliding ``window`` / ``stride``, top-5
+      classes, background threshold ``bg_thresh``, scored against the original-resolution ground truth;
+      the thesis: 448 / 448 / 224, VOC 0.95; None / None: the image as it is, in one window; prompted with
+      the object classes only),
+    - visual grouping (KNN with ``k`` over ``bank``, Eq 48-49; also without the background class, "WB"),
+    - visual-text alignment (ground-truth regions labelled through ``L_affinity`` of the whole image,
+      Eq 50-51),
+
+    the last two on ``data``'s images and labels at the model's input size (where the tokens were
+    collected); and the confusion matrices of ``"original"`` and ``"visual grouping"``."""
     if bg_thresh is None:
         raise ValueError("bg_thresh must be a threshold: Table 3 scores the background as class 0")
+    images, semantic, class_names = data.images, data.semantic, data.class_names
+    if len(val.groups) != len(data):
+        raise ValueError(f"{len(val.groups)} token sets for {len(data)} images: collect the tokens of data")
     n_labels = len(class_names) + 1
+    orig = protocol_miou(model, data, short_side, window, stride, bg_thresh, TEMPLATES["simple"], background_names=())
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
     text = text_embeddings(model, class_names)
-    orig, align = [], []
+    align = []
     for x, gt in zip(images, semantic):
-        pred, logits = segment(
+        _, logits = segment(
             model, x.to(dev), text_embeds=text, short_side=None, window=None, bg_thresh=bg_thresh, return_logits=True
         )
-        orig.append(pred.cpu().numpy())
         align.append(gt_group_labels(logits, gt.numpy()))
     model.train(was)
     vg = knn_segmentation(bank, val, k, max_per_class, seed)
-    m_orig, c_orig = miou_of(orig, semantic, n_labels)
     m_vg, c_vg = miou_of(vg, semantic, n_labels)
     rows = [
-        {"type": "Original", "mIoU": m_orig},
+        {"type": "Original", "mIoU": orig["miou"]},
         {"type": f"Visual Grouping (K={k})", "mIoU": m_vg},
         {"type": "Visual Grouping (WB)", "mIoU": miou_of(vg, semantic, n_labels, include_background=False)[0]},
         {"type": "Visual-Text Alignment", "mIoU": miou_of(align, semantic, n_labels)[0]},
     ]
-    return rows, {"original": c_orig, "visual grouping": c_vg}
+    return rows, {"original": orig["conf"], "visual grouping": c_vg}
 
 
 def knn_ablation(

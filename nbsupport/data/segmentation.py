@@ -22,8 +22,6 @@ from nbsupport.data.datasets.voc import PascalVOC
 from nbsupport.data.images import IMAGENET_MEAN, IMAGENET_STD
 from nbsupport.data.scenes import synthetic_class_names, synthetic_coco
 
-# The datasets segmentation_set knows by name (any other SegmentationDataset can be passed as an object).
-
 
 class NormalizedImages:
     """ImageNet-normalised float32 images ``[n, 3, S, S]`` over uint8 ``pixels``, normalised when read:
@@ -100,7 +98,9 @@ class SegmentationSet:
     (0 = background, ``i`` = ``class_names[i - 1]``, 255 = ignore), the object ``class_names`` and
     ``background_names`` (scene backgrounds scored as extra classes that map to 0; empty for real data),
     ``source`` for titles. ``has_background``: False for a dataset without a background class (Pascal
-    Context-59, ADE20K): its classes are shifted to ``1..C`` and label 0 never occurs."""
+    Context-59, ADE20K): its classes are shifted to ``1..C`` and label 0 never occurs. ``dataset``: the real
+    dataset the images came from (None for the synthetic world), read again by :meth:`full_resolution` for
+    protocols scored at the original resolution."""
 
     pixels: torch.Tensor
     semantic: torch.Tensor
@@ -108,6 +108,7 @@ class SegmentationSet:
     background_names: list[str] = field(default_factory=list)
     source: str = ""
     has_background: bool = True
+    dataset: SegmentationDataset | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.pixels)
@@ -126,6 +127,28 @@ class SegmentationSet:
     def label_names(self) -> list[str]:
         """Name of every label ``0 .. n_classes - 1`` (``"background"`` first)."""
         return ["background", *self.class_names]
+
+    def full_resolution(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image ``i`` at its original size: ``(image [3, H, W]`` ImageNet-normalised as :attr:`images`,
+        ``semantic [H, W]`` int64 with this set's labels)``, read again from :attr:`dataset` (the original
+        resolution GroupViT's evaluation scores against); the synthetic world's scenes are rendered at the set's
+        size, so they are their own full resolution."""
+        if not 0 <= int(i) < len(self):
+            raise IndexError(f"image {i} of a set of {len(self)}")
+        if self.dataset is None:
+            return self.images[int(i)], self.semantic[int(i)]
+        img, mask = self.dataset[int(i)]
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        return NormalizedImages(pixels[None])[0], torch.from_numpy(_labels(mask, self.has_background))
+
+
+def _labels(mask: np.ndarray, has_background: bool) -> np.ndarray:
+    """A dataset's class ids as a set's labels: unchanged with a background class, else ``0..C-1 -> 1..C``
+    (255 kept), so label 0 keeps meaning background."""
+    mask = np.asarray(mask).astype(np.int64)
+    return mask if has_background else np.where(mask == IGNORE, IGNORE, mask + 1)
 
 
 def resize_labels(semantic: np.ndarray, size: int) -> np.ndarray:
@@ -180,7 +203,7 @@ def segmentation_set(
     :data:`DATASETS` (``"voc"``, ``"voc_aug"``, ``"context"``, ``"context59"``, ``"coco_object"``,
     ``"ade20k"``) with ``root``, a dataset object, or a VOC root path; images LANCZOS- and labels
     nearest-resized, 255 kept as ignore, the dataset's class names without background (GroupViT's names:
-    VOC's "table", "plant", "monitor")."""
+    VOC's "table", "plant", "monitor"); the set keeps the dataset for :meth:`SegmentationSet.full_resolution`."""
     if int(n_images) < 1:
         raise ValueError(f"n_images must be >= 1, got {n_images!r}")
     if int(size) < 1:
@@ -204,10 +227,8 @@ def segmentation_set(
         pixels, semantic = [], []
         for i in range(n_images):
             img, mask = ds[i]
-            if not has_background:  # classes 0..C-1 -> 1..C, so 0 keeps meaning "background"
-                mask = np.where(mask == IGNORE, IGNORE, mask + 1)
             pixels.append(image_pixels(img, size))
-            semantic.append(resize_labels(mask, size))
+            semantic.append(resize_labels(_labels(mask, has_background), size))
         names = list(ds.classes[1:] if has_background else ds.classes)
         backgrounds = []
         source = f"{ds.name} {ds.split}"
@@ -215,4 +236,12 @@ def segmentation_set(
     bad = sem[(sem != IGNORE) & ((sem < 0) | (sem > len(names)))]
     if bad.numel():
         raise ValueError(f"{source}: labels {sorted(set(bad.tolist()))[:5]} outside 0..{len(names)} (and 255)")
-    return SegmentationSet(torch.stack(pixels), sem, list(names), list(backgrounds), source, has_background)
+    return SegmentationSet(
+        torch.stack(pixels),
+        sem,
+        list(names),
+        list(backgrounds),
+        source,
+        has_background,
+        None if dataset is None else ds,
+    )
