@@ -347,3 +347,23 @@ def test_figure_note_marks_fixture_figures(tmp_path, monkeypatch):
     viz.save_figure(fig, "noted again")  # the note is written once
     assert [t.get_text() for t in fig.texts] == ["random weights, fixture data"]
     plt.close(fig)
+
+
+def test_the_paper_profile_never_runs_a_notebook_without_its_data(capsys):
+    """Every notebook of the real profiles: `paper` without -p stops before anything executes, naming the
+    parameter; the `fixture` profile gives every required parameter a fixture path."""
+    profiles = runner.load_profiles(runner.PROFILES_FILE)
+    for nb in runner.available_notebooks():
+        with pytest.raises(runner.RunError, match=rf"profile 'paper': {nb.stem} needs -p \w+=\.\.\. \(.+\)"):
+            runner.plan_run([nb.stem], "paper", {}, profiles)
+        required = [k for k, v in profiles["paper"][nb.stem].items() if runner._required(v)]
+        fixture = profiles["fixture"][nb.stem]
+        assert all(str(fixture.get(k, "")).startswith("{fixtures}") or k == "weights" for k in required), nb.stem
+    code = subprocess.run(
+        [sys.executable, "-m", "nbsupport", "run", "--profile", "paper", "04_group_token_embeddings"],
+        capture_output=True,
+        text=True,
+        cwd=Path(runner.__file__).parents[2],
+        timeout=120,
+    )
+    assert code.returncode == 2 and "needs -p dataset_root=... (voc:" in code.stderr and code.stdout == ""
