@@ -13,6 +13,7 @@ import sys
 CLI_MODULES = (
     "notebook.runner",
     "notebook.fixtures",
+    "analysis.segmentation_eval_cli",
     "maskcut.cli",
     "training.cutler.cli",
     "training.dino.cli",

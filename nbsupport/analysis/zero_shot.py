@@ -2,7 +2,8 @@
 of class names, one confusion matrix, mIoU in percent. :func:`zero_shot_miou` scores square batches at the
 model's input size (the trainer's per-epoch validation); :func:`protocol_miou` is GroupViT's evaluation
 protocol (short side resized, sliding window, background threshold) scored at every image's original
-resolution.
+resolution, on a :class:`~nbsupport.data.segmentation.SegmentationSet`. A whole benchmark in its official
+layout (resumable, over ``torchrun`` ranks, results files) is :mod:`nbsupport.analysis.segmentation_eval`.
 """
 
 from __future__ import annotations
