@@ -229,11 +229,14 @@ def test_solver_stats_are_passed_in_not_global():
     x = mc.second_eigenvector(A, "lobpcg", 0.0, stats=s)  # tol 0: the LOBPCG residual can never pass
     assert s.calls == 1 and s.fallbacks == 1
     assert cos_abs(x, dense_fiedler(A)[0]) > 1 - 1e-8
-    mc.second_eigenvector(A[:10, :10], stats=s)  # fewer than 12 nodes: always the dense solve
+    mc.second_eigenvector(A[:10, :10], "lobpcg", stats=s)  # lobpcg: fewer than 12 nodes is always a fallback
     assert s.calls == 2 and s.fallbacks == 2
+    mc.second_eigenvector(A[:10, :10], stats=s)  # the default: a small graph is solved directly, no failure
+    assert s.calls == 3 and s.fallbacks == 2 and s.direct == 1
     vals = dense_fiedler(A)[1]
     mc.second_eigenvector(A, "dense", stats=s)
     assert s.gaps[-1] == pytest.approx(vals[1] - vals[0])
+    assert "dense fallbacks" in s.summary()
 
 
 def test_pipeline_passes_stats_and_score_models_tabulates(monkeypatch, tmp_path):
@@ -249,9 +252,11 @@ def test_pipeline_passes_stats_and_score_models_tabulates(monkeypatch, tmp_path)
     masks = mc.dataset_masks(model, coco, size=64, n_masks=2, tau="median", batch_size=2, stats=stats)
     assert sorted(masks) == coco.image_ids and stats.calls == 3 * 2
     assert all(m.shape == (2, 64, 64) for m in masks.values())
-    # the table scores what dataset_masks returns: with the ground-truth masks planted, AP and recall are perfect
+    again = dict(pipeline.iter_masks(model, coco, coco.image_ids[1:], size=64, n_masks=2, tau="median"))
+    assert sorted(again) == coco.image_ids[1:] and all(np.array_equal(again[i], masks[i]) for i in again)
+    # the table scores what iter_masks yields: with the ground-truth masks planted, AP and recall are perfect
     truth = {i: coco.instance_masks(i) for i in coco.image_ids}
-    monkeypatch.setattr(pipeline, "dataset_masks", lambda m, c, ids, *a, **k: {i: truth[i] for i in ids or c.image_ids})
+    monkeypatch.setattr(pipeline, "iter_masks", lambda m, c, ids, *a, **k: ((i, truth[i]) for i in ids or c.image_ids))
     table = mc.score_models({"model": model, "other": model}, coco, tau="auto")
     n_gt = sum(len(v) for v in truth.values())
     assert table["model"].tolist() == ["model", "other"] and table["tau"].tolist() == ["median", "median"]
@@ -273,3 +278,24 @@ def test_crf_available_reports_the_optional_package(monkeypatch):
     except ImportError:
         installed = False
     assert mc.crf_available() is installed
+
+
+def test_score_ignores_crowd_regions_on_the_coco_fixture(tmp_path):
+    from nbsupport.data.datasets import coco_object
+    from nbsupport.data.instances import instance_dataset
+    from nbsupport.maskcut import pipeline
+
+    coco = instance_dataset("coco", coco_object.write_fixture(tmp_path)["root"], "val")
+    crowd = {i: np.array([a.get("iscrowd", 0) == 1 for a in coco.annotations(i)], bool) for i in coco.image_ids}
+    objects = {i: coco.instance_masks(i)[~crowd[i]] for i in coco.image_ids}  # 139: 2, 285: 1 (the dog), 632: 1
+    assert [len(objects[i]) for i in coco.image_ids] == [2, 1, 1, 0]
+    # every object found: AP 100 and recall 1 (the crowd of 285 is no instance to find, 724 has none)
+    r = pipeline.score(coco, objects)
+    assert r["mask AP"] == pytest.approx(100.0) and r["recall@0.5"] == 1.0 and r["masks"] == 4
+    # a mask on the crowd region is pycocotools' "ignore": no false positive, AP stays 100
+    with_crowd = {**objects, 285: np.concatenate([objects[285], coco.instance_masks(285)[crowd[285]]])}
+    r2 = pipeline.score(coco, with_crowd.items())  # any iterable of (id, masks) pairs
+    assert r2["mask AP"] == pytest.approx(100.0) and r2["masks"] == 5
+    # missing the dog: recall of 285 is 0 -> mean over the three images with objects 2/3
+    r3 = pipeline.score(coco, {**objects, 285: np.zeros((1, *objects[285].shape[1:]), bool)})
+    assert r3["recall@0.5"] == pytest.approx(2 / 3) and r3["masks"] == 3

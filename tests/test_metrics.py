@@ -102,7 +102,7 @@ def test_maskcut_results_do_not_depend_on_the_empty_iou_convention(monkeypatch):
     the old private convention (0.0) and the shared one (1.0) give the same masks, rejections included."""
     import torch
 
-    from nbsupport.maskcut import cut
+    from nbsupport.maskcut import engine
 
     g = torch.Generator().manual_seed(0)
     lab = torch.zeros(16, 16, dtype=torch.long)
@@ -115,6 +115,6 @@ def test_maskcut_results_do_not_depend_on_the_empty_iou_convention(monkeypatch):
         u = np.logical_or(a, b).sum()
         return float(np.logical_and(a, b).sum() / u) if u else 0.0
 
-    monkeypatch.setattr(cut, "mask_iou", old_iou)
+    monkeypatch.setattr(engine, "mask_iou", old_iou)
     for mode, masks in new.items():
         assert torch.equal(mc.maskcut(f, 4, after_reject=mode), masks)

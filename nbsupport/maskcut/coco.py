@@ -7,14 +7,21 @@ from pathlib import Path
 
 import numpy as np
 
+from nbsupport.core.io import atomic_write_json
 
-def coco_annotations(masks: np.ndarray, image_id: int, start_id: int = 1, category_id: int = 1) -> list[dict]:
+
+def coco_annotations(
+    masks: np.ndarray, image_id: int, start_id: int = 1, category_id: int = 1, scores=None
+) -> list[dict]:
     """COCO annotations of non-empty pixel masks ``[n, H, W]``: RLE with ASCII counts, bbox and area from the
-    RLE, score 1.0 (MaskCut gives no score; the order is the pass order)."""
+    RLE, and a ``score``: 1.0 by default (MaskCut gives no score; the order is the pass order, as the
+    maintainers advise for AP, CutLER issue #18), or ``scores [n]`` (e.g. MaskCut's ``1 - Ncut / 2``)."""
     from pycocotools import mask as mask_utils
 
+    if scores is not None and len(scores) != len(masks):
+        raise ValueError(f"{len(scores)} scores for {len(masks)} masks")
     anns = []
-    for m in masks:
+    for k, m in enumerate(masks):
         if not m.any():
             continue
         rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
@@ -27,7 +34,7 @@ def coco_annotations(masks: np.ndarray, image_id: int, start_id: int = 1, catego
                 "area": float(mask_utils.area(rle)),
                 "bbox": [float(v) for v in mask_utils.toBbox(rle)],
                 "iscrowd": 0,
-                "score": 1.0,
+                "score": 1.0 if scores is None else float(scores[k]),
             }
         )
     return anns
@@ -48,7 +55,8 @@ def coco_json(images: list[dict], annotations: list[dict]) -> dict:
 
 
 def merge(paths, out) -> dict:
-    """Join shard outputs: images by id (no duplicates allowed), annotations renumbered."""
+    """Join shard outputs: images by id (no duplicates allowed), annotations renumbered; ``out`` written
+    atomically."""
     images, anns, seen = [], [], set()
     for p in paths:
         d = json.loads(Path(p).read_text())
@@ -61,5 +69,5 @@ def merge(paths, out) -> dict:
     images.sort(key=lambda r: r["id"])
     anns.sort(key=lambda a: (a["image_id"], a["id"]))
     result = coco_json(images, anns)
-    Path(out).write_text(json.dumps(result))
+    atomic_write_json(out, result)
     return result

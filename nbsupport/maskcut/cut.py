@@ -16,16 +16,20 @@ Rejection quirk, kept on purpose: a rejected pass adds nothing to the taken set,
 the same graph again and is compared with the *empty* previous mask; the reference behaves this way and
 we match it (``after_reject="reference"``). ``after_reject="stop"`` leaves every later pass empty instead.
 
-Solver. The eigenvector is computed exactly, not approximated: with ``M = D^-1/2 A D^-1/2`` the wanted
-vector is ``x = D^-1/2 y`` where ``y`` is the top eigenvector of ``M`` orthogonal to the known top one
-``D^1/2 1``. ``solver="lobpcg"`` (default, CPU) runs scipy's LOBPCG with that constraint and a block of
-``BLOCK = 2`` vectors, and checks the residual; when it does not converge to 1e-6 the dense solve is
-used (counted in the :class:`~nbsupport.maskcut.solver.SolverStats` passed as ``stats``, if any).
-``solver="torch"`` uses a batched ``torch.linalg.eigh`` of ``M`` in float64 on the features' device
-(GPU). ``solver="dense"`` is the reference ``scipy.linalg.eigh(D - A, D)``. The sign of
-an eigenvector is arbitrary and the corner/seed rules make the result sign-invariant; when lambda2 and
-lambda3 nearly coincide different exact solvers may legitimately return different vectors (CutLER
-issue #71): tests compare solvers where the spectral gap is clear.
+Solver. The eigenvector is computed exactly, not approximated. ``solver="auto"`` (default) is
+``krylov``: :func:`nbsupport.maskcut.krylov.fiedler`, block Krylov with Rayleigh-Ritz over a block that
+holds the near-degenerate eigenvalues several objects create, warm-started from the previous pass,
+residual-checked, shift-invert for crowded spectra and a counted dense fallback. On the CPU it runs one
+image at a time in float64; on CUDA the images of a batch are solved together (float32 iterations, float64
+polish, the graph built on the device). ``lobpcg`` (the former default), ``torch`` (``torch.linalg.eigh``
+in float64) and ``dense`` (the reference ``scipy.linalg.eigh(D - A, D)``) remain for comparison. The
+sign of an eigenvector is arbitrary and the corner/seed rules make the result sign-invariant; when
+lambda2 and lambda3 coincide the eigenvector is not unique and exact solvers may legitimately return
+different vectors (CutLER issue #71): tests compare solvers where the gap is clear and check the residual
+where it is not.
+
+Beyond the reference, off by default (see :func:`nbsupport.maskcut.engine.run_passes`): an objectness score
+(``1 - Ncut / 2``), an adaptive number of masks (``max_ncut``) and ``components="all"``.
 """
 
 from __future__ import annotations
@@ -33,39 +37,43 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
-from nbsupport.analysis.metrics import mask_iou
-from nbsupport.maskcut.solver import SolverStats, affinity, cosine_matrix, second_eigenvector
+from nbsupport.maskcut.engine import bipartition, foreground_components, run_passes
+from nbsupport.maskcut.solver import SolverStats
 
-
-def bipartition(x: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """MaskCut's bipartition of eigenvector ``x`` on an ``(h, w)`` grid: mean threshold, corner rule then
-    seed rule, and the seed's 4-connected component. Invariant to the sign of ``x``."""
-    h, w = grid
-    v = np.asarray(x, dtype=np.float64).reshape(h, w)
-    fg = v > v.mean()
-    seed = np.unravel_index(int(np.argmax(np.abs(v))), v.shape)
-    corners = int(fg[0, 0]) + int(fg[0, -1]) + int(fg[-1, 0]) + int(fg[-1, -1])
-    flip = corners >= 3 or not fg[seed]
-    if flip:
-        v, fg = -v, ~fg
-    seed = np.unravel_index(int(np.argmax(v)), v.shape)
-    labels, _ = ndimage.label(fg)  # default structure: 4-connectivity
-    if labels[seed] == 0:
-        return np.zeros((h, w), bool)
-    return labels == labels[seed]
+__all__ = ["bipartition", "foreground_components", "maskcut", "maskcut_single", "auto_tau", "resolve_tau"]
 
 
 def _resolve_tau(f: torch.Tensor, tau) -> float:
+    """A number, or for ``"median"`` the median off-diagonal cosine of features ``f [N, D]`` (float64; the
+    lower middle value, as ``torch.median``), found by selection rather than a sort."""
     if isinstance(tau, str):
         if tau != "median":
             raise ValueError(f"tau must be a number or 'median', got {tau!r}")
+        if len(f) < 2:
+            raise ValueError(f"tau='median' needs at least 2 patches, got {len(f)}")
         fn = F.normalize(f.double(), dim=1)
-        s = fn @ fn.T
-        off = s[~torch.eye(len(s), dtype=torch.bool, device=s.device)]
-        return float(off.median())
+        s = (fn @ fn.T).cpu()
+        n = len(s)
+        s.fill_diagonal_(float("-inf"))  # the diagonal becomes the n smallest values
+        k = n + (n * n - n - 1) // 2  # then the lower median of the n^2 - n off-diagonal ones
+        return float(np.partition(s.numpy().reshape(-1), k)[k])
     return float(tau)
+
+
+PRECISIONS = ("auto", "float64", "mixed")
+
+
+def _solver_for(solver: str, device: torch.device, precision: str = "auto") -> tuple[str, torch.dtype]:
+    """``auto`` -> the Krylov solver. ``precision``: ``mixed`` iterates in float32 and polishes in float64
+    (the default on CUDA, where float32 products are much faster), ``float64`` iterates in float64 (the
+    default on the CPU, where a float64 product costs only ~1.5x a float32 one and needs no second graph)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if solver == "auto":
+        solver = "krylov"
+    mixed = precision == "mixed" or (precision == "auto" and device.type == "cuda")
+    return solver, (torch.float32 if mixed and solver == "krylov" else torch.float64)
 
 
 def maskcut_single(
@@ -73,48 +81,40 @@ def maskcut_single(
     n_masks: int = 3,
     tau=0.15,
     eps: float = 1e-5,
-    solver: str = "lobpcg",
+    solver: str = "auto",
     after_reject: str = "reference",
     min_area: float = 0.01,
     max_iou: float = 0.5,
     stats: SolverStats | None = None,
-) -> np.ndarray:
+    *,
+    scores: bool = False,
+    max_ncut: float | None = None,
+    components: str = "seed",
+):
     """MaskCut on one grid ``[h, w, D]`` -> bool patch masks ``[n_masks, h, w]`` (empty where rejected).
 
     A pass after the first is rejected when its mask has IoU > ``max_iou`` with the previous pass's mask
-    or covers <= ``min_area`` of the grid. ``stats``: a :class:`SolverStats` recording every eigen-solve."""
+    or covers <= ``min_area`` of the grid. ``stats``: a :class:`SolverStats` recording every eigen-solve.
+    ``scores=True`` returns ``(masks, scores [n])`` with ``1 - Ncut / 2`` per mask; ``max_ncut`` and
+    ``components`` as in :func:`maskcut`."""
     if feats.dim() != 3:
         raise ValueError(f"features must be [h, w, D], got {tuple(feats.shape)}")
-    if after_reject not in ("reference", "stop"):
-        raise ValueError(f"after_reject must be 'reference' or 'stop', got {after_reject!r}")
-    if not 0 <= min_area <= 1:
-        raise ValueError(f"min_area must be a fraction of the grid in [0, 1], got {min_area!r}")
-    h, w, d = feats.shape
-    f = feats.reshape(h * w, d).detach()
-    tau_v = _resolve_tau(f, tau)
-    cos = cosine_matrix(f)  # zeroing a patch's features later == zeroing its row and column here
-    masks = np.zeros((n_masks, h, w), bool)
-    taken = np.zeros(h * w, bool)
-    prev = None
-    stopped = False
-    for i in range(n_masks):
-        if stopped:
-            break
-        if taken.any():
-            t = torch.from_numpy(taken).to(cos.device)
-            cos[t] = 0
-            cos[:, t] = 0
-        A = affinity(cos, tau_v, eps, is_cos=True)
-        x = second_eigenvector(A, solver, stats=stats)
-        m = bipartition(x, (h, w))
-        # an empty m is rejected by the area test anyway: what mask_iou gives two empty masks never decides
-        if i > 0 and (mask_iou(m, prev) > max_iou or m.sum() <= min_area * h * w):
-            m = np.zeros_like(m)
-            stopped = after_reject == "stop"
-        masks[i] = m
-        taken |= m.reshape(-1)
-        prev = m
-    return masks
+    masks, sc = maskcut(
+        feats[None],
+        n_masks,
+        tau,
+        eps,
+        solver,
+        after_reject,
+        stats=stats,
+        min_area=min_area,
+        max_iou=max_iou,
+        scores=True,
+        max_ncut=max_ncut,
+        components=components,
+    )
+    masks = masks[0].numpy()
+    return (masks, sc[0].numpy()) if scores else masks
 
 
 def maskcut(
@@ -126,30 +126,80 @@ def maskcut(
     after_reject: str = "reference",
     progress: bool = False,
     stats: SolverStats | None = None,
-) -> torch.Tensor:
+    *,
+    min_area: float = 0.01,
+    max_iou: float = 0.5,
+    scores: bool = False,
+    max_ncut: float | None = None,
+    components: str = "seed",
+    batch_size: int | None = None,
+    precision: str = "auto",
+):
     """MaskCut pseudo-masks on the patch grid.
 
     ``features``: ``[h, w, D]`` or ``[B, h, w, D]`` (DINO last-block keys in the reference). ``tau``: the
     affinity threshold (0.15 made the released pseudo-masks) or ``"median"`` (the median pairwise cosine
     of the image: for models whose similarities are all near 1, e.g. random init). ``solver``: ``auto`` =
-    ``torch`` on CUDA, ``lobpcg`` on CPU. ``stats``: a :class:`SolverStats` that records every eigen-solve
-    of the call (calls, dense fallbacks, time, spectral gaps). Returns bool ``[(B,) n_masks, h, w]``.
+    ``krylov`` (see the module docstring), or ``lobpcg``, ``torch``, ``dense``. ``stats``: a
+    :class:`SolverStats` that records every eigen-solve of the call (calls, dense fallbacks, time, spectral
+    gaps). Returns bool ``[(B,) n_masks, h, w]``, identical to the reference protocol with the defaults.
+
+    Options beyond the reference (off by default): ``scores=True`` also returns the objectness scores
+    ``[(B,) n]`` (``1 - Ncut / 2`` of each mask on the graph of the patches not yet taken; 0 for empty
+    masks; without it every mask counts as score 1, as MaskCut gives none); ``max_ncut``: stop at the first
+    pass whose mask has a larger Ncut (an adaptive number of masks, at most ``n_masks`` passes);
+    ``components="all"``: every 4-connected foreground component above ``min_area`` becomes a mask, not
+    only the seed's (more than ``n_masks`` masks then; the array is padded with empty ones).
+    ``batch_size``: images solved together (default: all of ``features`` on CUDA, one at a time on the
+    CPU); ``precision``: ``auto``, ``float64`` or ``mixed`` (float32 iterations, float64 polish; the
+    default on CUDA). Every choice returns float64-exact eigenvectors.
     """
     single = features.dim() == 3
     feats = features[None] if single else features
     if feats.dim() != 4:
         raise ValueError(f"features must be [h, w, D] or [B, h, w, D], got {tuple(features.shape)}")
-    if solver == "auto":
-        solver = "torch" if feats.is_cuda else "lobpcg"
-    it = range(feats.shape[0])
+    solver, iter_dtype = _solver_for(solver, feats.device, precision)
+    nb, h, w, d = feats.shape
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    chunk = batch_size or (nb if feats.device.type == "cuda" else 1)
+    starts = range(0, nb, chunk)
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc="maskcut", unit="img")
-    out = torch.from_numpy(
-        np.stack([maskcut_single(feats[b], n_masks, tau, eps, solver, after_reject, stats=stats) for b in it])
-    )
-    return out[0] if single else out
+        starts = tqdm(starts, desc="maskcut", unit="batch" if chunk > 1 else "img")
+    stats = SolverStats() if stats is None else stats
+    all_masks, all_scores = [], []
+    buffer = None  # the graph's memory, reused image after image
+    for s in starts:
+        f = feats[s : s + chunk].reshape(-1, h * w, d).detach()
+        taus = [_resolve_tau(f[j], tau) for j in range(len(f))]
+        m, sc, buffer = run_passes(
+            f,
+            taus,
+            (h, w),
+            n_masks,
+            eps,
+            solver,
+            after_reject,
+            min_area,
+            max_iou,
+            stats,
+            max_ncut=max_ncut,
+            components=components,
+            scores=scores,
+            iter_dtype=iter_dtype,
+            graph_buffer=buffer,
+        )
+        all_masks.append(m)
+        all_scores.append(sc)
+    n_out = max(m.shape[1] for m in all_masks)
+    pad = lambda a, fill: np.concatenate([a, np.full((a.shape[0], n_out - a.shape[1], *a.shape[2:]), fill)], 1)  # noqa: E731
+    masks = torch.from_numpy(np.concatenate([pad(m, False) for m in all_masks]))
+    sc = torch.from_numpy(np.concatenate([pad(x, 0.0) for x in all_scores]))
+    if single:
+        masks, sc = masks[0], sc[0]
+    return (masks, sc) if scores else masks
 
 
 def auto_tau(model):
