@@ -108,7 +108,7 @@ def _toy_batch(n=2, size=64, seed=0):
 
 
 def test_roi_heads_parity_with_torchvision_when_off():
-    model = _tiny_model(drop_loss=False).train()
+    model = _tiny_model(drop_loss=False, head="mask_rcnn").train()
     images, targets = _toy_batch()
     il, tg = model.transform(images, [dict(t) for t in targets])
     feats = model.backbone(il.tensors)
@@ -136,7 +136,18 @@ def test_roi_heads_parity_with_torchvision_when_off():
 def test_build_model_reference_settings_and_weights(tmp_path):
     model = _tiny_model()
     assert model.rpn.nms_thresh == 0.65
-    assert model.roi_heads.box_predictor.cls_score.out_features == 2
+    assert isinstance(model.roi_heads, C.CascadeRoIHeads) and model.roi_heads.stage_ious == [0.5, 0.6, 0.7]
+    assert [c.weights for c in model.roi_heads.stage_coders] == [(10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)]
+    assert [p.cls_score.out_features for p in model.roi_heads.box_predictor] == [2, 2, 2]
+    assert [p.bbox_pred.out_features for p in model.roi_heads.box_predictor] == [4, 4, 4]  # class-agnostic
+    assert isinstance(model.roi_heads.box_roi_pool, C.RoIAlignV2Pooler)  # detectron2's ROIAlignV2
+    assert isinstance(model.backbone.fpn.inner_blocks[0][1], torch.nn.BatchNorm2d)  # FPN NORM (Sync)BN
+    plain = _tiny_model(head="mask_rcnn", fpn_norm=False, aligned_roi=False)
+    assert plain.roi_heads.box_predictor.cls_score.out_features == 2
+    assert (
+        type(plain.roi_heads.box_roi_pool).__name__ == "MultiScaleRoIAlign"
+        and len(plain.backbone.fpn.inner_blocks[0]) == 1
+    )
     assert all(p.requires_grad for p in model.backbone.body.parameters())  # trainable layers 5
     assert model.transform.min_size == (64,) and model.transform.min_size_test == 64
     big = C.build_model("resnet18")

@@ -63,7 +63,7 @@ def test_cli_train_predict_eval_selftrain(syn, tmp_path, capsys):
     assert (run_cfg.arch, run_cfg.min_size, run_cfg.max_iter, run_cfg.train_json) == ("resnet18", [64], 2, str(syn))
     assert run_cfg == C.load_config("smoke", {**SMALL_VALUES, "train_json": str(syn)})
     restored = C.load_trained(tmp_path / "r0" / "model_final.pth")
-    assert restored.transform.min_size == (64,) and restored.roi_heads.box_head.fc6.out_features == 256
+    assert restored.transform.min_size == (64,) and restored.roi_heads.box_head[0].fc6.out_features == 256
 
     preds = tmp_path / "preds.json"
     # the other actions in-process (same parser, no interpreter start-up)

@@ -1,6 +1,7 @@
 """CutLER learns: overfitting two synthetic images drives the training loss down (a real optimisation check)."""
 
 import numpy as np
+import pytest
 import torch
 
 from nbsupport.data.synthetic import make_dataset
@@ -25,14 +26,18 @@ TINY = {
 }
 
 
-def test_training_reduces_the_loss(tmp_path):
-    """Overfitting 2 images for 14 steps (copy-paste off) must bring the total loss well below its start."""
+@pytest.mark.parametrize("head, ratio", [("mask_rcnn", 0.6), ("cascade", 0.72)])
+def test_training_reduces_the_loss(tmp_path, head, ratio):
+    """Overfitting 2 images for 14 steps (copy-paste off) must bring the total loss well below its start,
+    with either head (the cascade sums three stages' losses, the later ones on few positives at IoU 0.6 /
+    0.7, and falls more slowly: measured 0.66 of its start, against 0.5 for the plain head)."""
     root = make_dataset(tmp_path / "two", 2, seed=7, size=64, split="train")
     cfg = C.load_config(
         "smoke",
         dict(
             TINY,
             train_json=str(root / "instances_train.json"),
+            head=head,
             max_iter=14,
             steps=[],
             warmup_iters=3,
@@ -43,4 +48,4 @@ def test_training_reduces_the_loss(tmp_path):
     )
     C.train(cfg, tmp_path / "o", progress=False)
     loss = [r["loss"] for r in read_metrics(tmp_path / "o")]
-    assert len(loss) == 14 and np.mean(loss[-3:]) < 0.6 * np.mean(loss[:2]), loss
+    assert len(loss) == 14 and np.mean(loss[-3:]) < ratio * np.mean(loss[:2]), loss

@@ -49,6 +49,7 @@ def _losses(out):
     return [(r["iter"], r["loss"], r["loss_classifier"], r["loss_mask"]) for r in read_metrics(out)]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_exact(syn, tmp_path):
     cfg = C.load_config("smoke", dict(TINY, train_json=str(syn)))
     full = C.train(cfg, tmp_path / "a", progress=False)
@@ -87,7 +88,7 @@ def test_nan_loss_is_skipped_and_counted(syn, tmp_path, monkeypatch):
             res, losses = fwd(*a, **k)
             calls["n"] += 1
             if calls["n"] == 2:
-                losses["loss_classifier"] = losses["loss_classifier"] * float("nan")
+                losses["loss_classifier_stage1"] = losses["loss_classifier_stage1"] * float("nan")
             return res, losses
 
         m.roi_heads.forward = forward
@@ -306,13 +307,17 @@ def _notebook_06_config(profile: str, overrides: dict | None = None):
 
 
 def test_notebook_06_profiles_are_config_overrides():
-    """No branch on the profile's name: the paper profile's parameters ARE the reference recipe, and the demo
-    profile's give the schedule the notebook used to derive from `iterations` and `train_size`."""
+    """No branch on the profile's name: the paper profile's parameters ARE the thesis recipe (CutLER's
+    reference at 90K iterations), and the demo profile's give the schedule the notebook used to derive from
+    `iterations` and `train_size`."""
     required = {"dataset_root": "/data/imagenet", "eval_root": "/data/coco", "weights": "/w/dino_resnet50_pretrain.pth"}
     paper = _notebook_06_config("paper", required)
     assert paper.weights == "/w/dino_resnet50_pretrain.pth"  # the DINO ResNet-50 init, required by the profile
-    assert dataclasses.replace(paper, device="auto", weights=None) == C.CutlerConfig()  # the defaults = the reference
-    assert paper.max_iter == 160000 and paper.batch_size == 16 and paper.min_size == list(C.REFERENCE_MIN_SIZES)
+    thesis = C.load_config("thesis")
+    assert dataclasses.replace(paper, device="auto", weights=None) == thesis  # the profile = the thesis recipe
+    assert dataclasses.replace(thesis, max_iter=160000) == C.CutlerConfig()  # = CutLER's reference but 90K
+    assert paper.max_iter == 90000 and paper.steps == [80000] and paper.gamma == 0.02 and paper.head == "cascade"
+    assert paper.batch_size == 16 and paper.min_size == list(C.REFERENCE_MIN_SIZES)
     demo = _notebook_06_config("demo")
     iterations, train_size = 30, 128  # the old derivation, by hand
     want = C.load_config(
@@ -347,3 +352,20 @@ def test_notebook_06_profiles_are_config_overrides():
     )
     st = C.selftrain_config(smoke)  # the old notebook: the training schedule at half the LR, DropLoss off
     assert (st.max_iter, st.steps, st.warmup_iters, st.lr, st.drop_loss) == (3, [2], 1, 0.005, False)
+
+
+@pytest.mark.parametrize("profile", ["smoke", "demo", "fixture", "paper"])
+def test_notebook_06_honours_iterations_in_every_profile(profile):
+    from pathlib import Path
+
+    from nbsupport.notebook.runner import load_profiles, resolve_parameters
+
+    required = {"dataset_root": "/d/imagenet", "eval_root": "/d/coco", "weights": "/w/r50.pth"}
+    extra = required if profile == "paper" else {}
+    path = Path(__file__).resolve().parent.parent / "notebooks" / "06_cutler_training.ipynb"
+    params = resolve_parameters(path, profile, load_profiles(), extra)
+    cfg = _notebook_06_config(profile, extra)
+    assert cfg.max_iter == params["iterations"] and cfg.steps == params["lr_steps"]
+    assert cfg.selftrain.max_iter == params["selftrain_iterations"] and cfg.head == params.get("head", "cascade")
+    changed = _notebook_06_config(profile, {**extra, "iterations": 7, "head": "mask_rcnn"})
+    assert changed.max_iter == 7 and changed.head == "mask_rcnn"

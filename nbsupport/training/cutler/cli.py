@@ -11,8 +11,9 @@ from nbsupport.core.io import atomic_write_json
 from nbsupport.training.cutler.config import RECIPE_DIR, CutlerConfig
 from nbsupport.training.cutler.data import PseudoMaskDataset
 from nbsupport.training.cutler.experiments import evaluate_splits, selftrain_round
-from nbsupport.training.cutler.loop import load_trained, train
+from nbsupport.training.cutler.loop import train
 from nbsupport.training.cutler.predict import predict
+from nbsupport.training.cutler.release import RELEASES, load_detector
 
 # --------------------------------------------------------------------------------------------------
 # CLI: python -m nbsupport cutler train|selftrain|predict|eval
@@ -48,11 +49,12 @@ def _cmd_selftrain(a) -> int:
 
 def _cmd_predict(a) -> int:
     device = distributed.resolve_device(a.device or "auto")
-    model = load_trained(a.checkpoint, device=device)
+    overrides = {k: v for k, v in (("min_size_test", a.test_size), ("max_size", a.max_size)) if v is not None}
+    model = load_detector(a.checkpoint, device, a.input_format, **overrides)
     ds = PseudoMaskDataset(a.json, a.image_root, train=False)
     preds = predict(model, ds, device, detections=a.detections, progress=True)
     atomic_write_json(a.out, preds)
-    print(f"{len(preds)} detections on {len(ds)} images -> {a.out}")
+    print(f"{model.nbs_info['description']}: {len(preds)} detections on {len(ds)} images -> {a.out}")
     return 0
 
 
@@ -89,12 +91,25 @@ def add_cli(subparsers) -> None:
     common(s)
     s.add_argument("--round", type=int, default=1, help="1 (score >= 0.7) or 2 (>= 0.65)")
     s.set_defaults(func=_cmd_selftrain)
-    q = sub.add_parser("predict", help="COCO results JSON of a trained detector")
-    q.add_argument("--checkpoint", required=True)
+    q = sub.add_parser("predict", help="COCO results JSON of a trained or released detector")
+    q.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run's model_final.pth, a released CutLER file (cutler_cascade_final.pth, cutler_mrcnn_final.pth: "
+        f"detectron2 layout, converted) or a release name looked up in $NBSUPPORT_CACHE/cutler ({', '.join(RELEASES)})",
+    )
     q.add_argument("--json", required=True, help="COCO JSON listing the images")
     q.add_argument("--image-root")
     q.add_argument("--out", required=True)
     q.add_argument("--detections", type=int, default=100)
+    q.add_argument("--test-size", type=int, help="short side at test time (default: the checkpoint's; releases 800)")
+    q.add_argument("--max-size", type=int, help="longest side at test time (default: the checkpoint's; releases 1333)")
+    q.add_argument(
+        "--input-format",
+        default="RGB",
+        choices=["RGB", "BGR"],
+        help="channel order a detectron2 file was trained on (CutLER's: RGB; detectron2's default: BGR)",
+    )
     q.add_argument("--device", help="cpu | cuda | auto (default)")
     q.set_defaults(func=_cmd_predict)
     e = sub.add_parser("eval", help="class-agnostic box/segm AP, AP50 on all / without / only overlapping")

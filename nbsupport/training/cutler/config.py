@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import ClassVar
 
 from nbsupport.core.config import load_config as _load
+from nbsupport.training.cutler.heads import CASCADE_IOUS, CASCADE_WEIGHTS
 from nbsupport.training.cutler.model import REFERENCE_MIN_SIZES
 
-#: Recipes for ``cutler ... --config NAME`` (``paper``: the reference schedule; ``smoke``: a few CPU iterations).
+#: Recipes for ``cutler ... --config NAME`` (``paper``: the reference schedule; ``thesis``: its 90K-iteration
+#: run of Tables 1-2; ``smoke``: a few CPU iterations).
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
 
@@ -34,13 +36,19 @@ class SelftrainConfig:
 
 @dataclass
 class CutlerConfig:
-    """Every setting of a CutLER run; the defaults are the reference schedule (facebookresearch/CutLER,
-    Mask R-CNN R50-FPN: 160k iterations at batch 16, lr 0.01, a x0.02 step at 80k, multi-scale 240-1024)."""
+    """Every setting of a CutLER run; the defaults are the reference (facebookresearch/CutLER's
+    ``cascade_mask_rcnn_R_50_FPN.yaml``: Cascade Mask R-CNN R50-FPN, FPN with BatchNorm, ROIAlignV2,
+    160k iterations at batch 16, lr 0.01, a x0.02 step at 80k, multi-scale 240-1024)."""
 
     CONFIG_NAME: ClassVar[str] = "CutLER"
 
     # model (build_model)
     arch: str = "resnet50"  # resnet50 | resnet50_v2 | resnet18 | resnet34
+    head: str = "cascade"  # cascade (CutLER's headline model) | mask_rcnn (its Mask R-CNN release)
+    cascade_ious: list[float] = field(default_factory=lambda: list(CASCADE_IOUS))  # match IoU per stage
+    cascade_weights: list[list[float]] = field(default_factory=lambda: [list(w) for w in CASCADE_WEIGHTS])
+    fpn_norm: bool = True  # BatchNorm in the FPN (CutLER: FPN NORM SyncBN); false: torchvision's plain FPN
+    aligned_roi: bool = True  # detectron2's ROIAlignV2 pooler (as the releases); false: torchvision's RoIAlign
     weights: str | None = None  # ResNet backbone state dict (DINO ResNet-50); None = random init
     min_size: list[int] = field(default_factory=lambda: list(REFERENCE_MIN_SIZES))  # multi-scale short side
     max_size: int = 1333
@@ -65,7 +73,8 @@ class CutlerConfig:
     copy_paste_scale: list[float] = field(default_factory=lambda: [0.3, 1.0])
     copy_paste_max_cover: float | None = 0.5  # a pasted instance hiding >= this share of one is not pasted
     aspect_grouping: bool = True  # batches of one orientation (ASPECT_RATIO_GROUPING)
-    num_workers: int = 4
+    num_workers: int = 4  # data-loading processes (decode + RLE masks ahead of the step)
+    prefetch_factor: int = 2  # batches each worker keeps ready
     # solver (batch_size is the total over all processes, as detectron2's IMS_PER_BATCH)
     batch_size: int = 16
     lr: float = 0.01
@@ -95,6 +104,11 @@ SELFTRAIN_TRAIN_KEYS = ("max_iter", "steps", "lr", "drop_loss", "copy_paste_scal
 #: The fields passed to :func:`~nbsupport.training.cutler.model.build_model`.
 MODEL_KEYS = (
     "arch",
+    "head",
+    "cascade_ious",
+    "cascade_weights",
+    "fpn_norm",
+    "aligned_roi",
     "weights",
     "min_size",
     "max_size",

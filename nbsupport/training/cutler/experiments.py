@@ -312,15 +312,20 @@ def maskcut_detections(
 
 
 def evaluate_models(models: dict, dataset, device="cpu", baselines: dict | None = None):
-    """The Tables 1-2 layout for several detectors: each ``models[name]`` checkpoint predicts on ``dataset`` (a
-    :class:`PseudoMaskDataset` with ``train=False`` holding the ground truth) and is scored by
+    """The Tables 1-2 layout for several detectors: each ``models[name]`` (a checkpoint path or release name
+    for :func:`~nbsupport.training.cutler.release.load_detector`, or a loaded detector) predicts on
+    ``dataset`` (a :class:`PseudoMaskDataset` with ``train=False`` holding the ground truth) and is scored by
     :func:`evaluate_splits` (rows labelled ``CutLER (<name>)``), then each ``baselines[label]`` list of
     detections (e.g. ``"MaskCut alone"``: MaskCut's masks, score 1). Returns ``(table, {name: predictions})``."""
     import pandas as pd
+    from torch import nn
+
+    from nbsupport.training.cutler.release import load_detector
 
     tables, predictions = [], {}
-    for name, path in models.items():
-        predictions[name] = predict(load_trained(path, device=device), dataset, device)
+    for name, model in models.items():
+        model = model if isinstance(model, nn.Module) else load_detector(model, device)
+        predictions[name] = predict(model, dataset, device)
         tables.append(evaluate_splits(dataset.data, predictions[name]).assign(model=f"CutLER ({name})"))
     for label, dets in (baselines or {}).items():
         tables.append(evaluate_splits(dataset.data, dets).assign(model=label))

@@ -46,12 +46,20 @@ def lr_schedule(it: int, cfg: CutlerConfig) -> float:
     return warmup_multistep_lr(it, cfg.lr, cfg.steps, cfg.gamma, cfg.warmup_iters, cfg.warmup_factor)
 
 
+#: What a checkpoint written before these fields existed was built with (torchvision's plain Mask R-CNN).
+LEGACY_MODEL = {"head": "mask_rcnn", "fpn_norm": False, "aligned_roi": False}
+
+
 def load_trained(path, device="cpu", **model_overrides):
     """A detector from a checkpoint written by :func:`train` (``checkpoint_last.pth`` or ``model_final.pth``),
     built with the checkpoint's own config (``model_overrides`` change build keywords, e.g.
-    ``detections_per_img``); no backbone weights are loaded on top."""
+    ``detections_per_img``); no backbone weights are loaded on top. A config without the ``head`` /
+    ``fpn_norm`` / ``aligned_roi`` fields is an older run's: its model was the plain Mask R-CNN."""
     ck = load_checkpoint(path)
-    conf = config_from_dict(CutlerConfig, ck.get("config") or {}, f"checkpoint {path}")
+    stored = dict(ck.get("config") or {})
+    for k, v in LEGACY_MODEL.items():
+        stored.setdefault(k, v)
+    conf = config_from_dict(CutlerConfig, stored, f"checkpoint {path}")
     kw = model_kwargs(conf)
     kw.update(model_overrides, weights=None)
     model = build_model(**kw)
@@ -69,6 +77,20 @@ def _to_device(images, targets, device):
         {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets
     ]
     return images, targets
+
+
+def loss_record(loss, losses: dict, grad_norm) -> dict:
+    """The logged numbers of a step: ``loss``, every term of ``losses``, ``grad_norm``, and for a cascade the
+    sums over its stages (``loss_classifier`` = the ``loss_classifier_stage<k>`` summed, same for
+    ``loss_box_reg``), so plots read the same keys for either head. One device-to-host copy."""
+    names = list(losses)
+    vals = torch.stack([loss.detach(), *(losses[k].detach() for k in names), grad_norm.detach()]).float().tolist()
+    out = {"loss": vals[0], **dict(zip(names, vals[1:-1])), "grad_norm": vals[-1]}
+    for k in names:
+        base, sep, stage = k.rpartition("_stage")
+        if sep and stage.isdigit():
+            out[base] = out.get(base, 0.0) + out[k]
+    return out
 
 
 def _param_groups(model, cfg):
@@ -157,11 +179,13 @@ def train(
     stored = config_to_dict(cfg)
     ddp = distributed.wrap_ddp(model, ctx)
 
-    common = dict(
+    workers = int(cfg.num_workers)
+    common = dict(  # workers decode ahead of the step (prefetch) and pinned batches copy asynchronously
         collate_fn=collate,
-        num_workers=int(cfg.num_workers),
+        num_workers=workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
+        persistent_workers=workers > 0,
+        prefetch_factor=int(cfg.prefetch_factor) if workers > 0 else None,
     )
     groups = aspect_groups(dataset) if cfg.aspect_grouping and hasattr(dataset, "records") else None
     if groups is not None and len(set(groups)) > 1:  # landscape and portrait batches (detectron2's default)
@@ -226,11 +250,8 @@ def train(
                     scaler.step(opt)
                     scaler.update()
                     n_images = len(images) * world
-                    record = {
-                        "loss": float(loss.detach()),
-                        **{k: float(v.detach()) for k, v in losses.items()},
-                        "grad_norm": float(gnorm),
-                    }
+                    if logger.due(it + 1):  # one device-to-host copy, only on logged steps
+                        record = loss_record(loss, losses, gnorm)
             it += 1
             if record is not None:
                 record = {"iter": it, "lr": lr, **record, "data_time": t_data}

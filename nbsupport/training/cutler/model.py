@@ -1,5 +1,5 @@
-"""CutLER's detector on torchvision: class-agnostic Mask R-CNN R50-FPN with the reference settings and
-DropLoss (CutLER eq. 2).
+"""CutLER's detector on torchvision: class-agnostic Cascade Mask R-CNN (or Mask R-CNN) R50-FPN with the
+reference settings and DropLoss (CutLER eq. 2); the heads are :mod:`~nbsupport.training.cutler.heads`.
 """
 
 from __future__ import annotations
@@ -7,13 +7,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from nbsupport.training.cutler.heads import (
+    CASCADE_IOUS,
+    CASCADE_WEIGHTS,
+    CascadePredictor,
+    CascadeRoIHeads,
+    DropLossRoIHeads,
+    RoIAlignV2Pooler,
+    droploss_fastrcnn_loss,
+)
+
+__all__ = ["build_model", "droploss_fastrcnn_loss", "load_backbone_weights", "masks_to_boxes", "set_drop_loss"]
 
 REFERENCE_MIN_SIZES = (240, 320, 480, 640, 672, 704, 736, 768, 800, 1024)
 
 
 ARCHS = ("resnet50", "resnet50_v2", "resnet18", "resnet34")
+#: RoI heads: CutLER's headline Cascade Mask R-CNN or the plain Mask R-CNN of its second release.
+HEADS = ("cascade", "mask_rcnn")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -38,138 +51,6 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     boxes = torch.stack([x0, y0, x1, y1], 1).float()
     boxes[~rows.any(1)] = 0
     return boxes
-
-
-# --------------------------------------------------------------------------------------------------
-# DropLoss
-
-
-def droploss_fastrcnn_loss(
-    class_logits,
-    box_regression,
-    labels,
-    regression_targets,
-    proposals,
-    gt_boxes,
-    box_coder,
-    drop_iou: float = 0.01,
-    enabled: bool = True,
-):
-    """Fast R-CNN losses with DropLoss (CutLER eq. 2).
-
-    ``class_logits`` ``[R, C]``, ``box_regression`` ``[R, 4C]`` for all sampled RoIs of the batch;
-    ``labels`` / ``regression_targets`` / ``proposals`` per image (lists, ``[R_i]``, ``[R_i, 4]``,
-    ``[R_i, 4]``); ``gt_boxes`` per image ``[G_i, 4]``. The predicted box of a RoI is its proposal decoded
-    with the deltas of its highest-scoring foreground class (class 1 when class-agnostic). Weight
-    ``w = max IoU(pred, GT) > drop_iou``; ``loss_cls = sum(w * CE) / R``. The box loss is torchvision's.
-    Returns ``(loss_cls, loss_box, keep bool [R] or None)``.
-    """
-    from torchvision.models.detection.roi_heads import fastrcnn_loss
-    from torchvision.ops import box_iou
-
-    loss_cls, loss_box = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
-    if not enabled:
-        return loss_cls, loss_box, None
-    R, C = class_logits.shape
-    with torch.no_grad():
-        reg = box_regression.reshape(R, -1, 4).float()
-        if reg.shape[1] == 1:
-            deltas = reg[:, 0]
-        else:
-            cls = (
-                class_logits[:, 1:].float().argmax(1) + 1
-                if C > 2
-                else torch.ones(R, dtype=torch.long, device=reg.device)
-            )
-            deltas = reg[torch.arange(R, device=reg.device), cls]
-        pred = box_coder.decode(deltas, [p.float() for p in proposals]).reshape(R, 4)
-        keep = torch.zeros(R, dtype=torch.bool, device=reg.device)
-        start = 0
-        for p, g in zip(proposals, gt_boxes):
-            n = p.shape[0]
-            if n and g.numel():
-                keep[start : start + n] = box_iou(pred[start : start + n], g.float()).max(1).values > drop_iou
-            start += n
-    ce = F.cross_entropy(class_logits, torch.cat(labels), reduction="none")
-    loss_cls = (ce * keep.to(ce.dtype)).sum() / max(R, 1)
-    return loss_cls, loss_box, keep
-
-
-def _roi_heads_base():
-    from torchvision.models.detection.roi_heads import RoIHeads
-
-    return RoIHeads
-
-
-class DropLossRoIHeads(_roi_heads_base()):
-    """torchvision ``RoIHeads`` whose training forward uses :func:`droploss_fastrcnn_loss`.
-
-    ``drop_loss`` (bool) switches DropLoss (off in self-training); ``drop_iou`` is the threshold (0.01).
-    The last batch's keep mask is stored in ``last_keep`` (for tests and logging). Inference is
-    torchvision's unchanged.
-    """
-
-    drop_loss: bool = True
-    drop_iou: float = 0.01
-
-    @classmethod
-    def from_roi_heads(cls, rh, drop_loss: bool = True, drop_iou: float = 0.01) -> "DropLossRoIHeads":
-        new = cls(
-            rh.box_roi_pool,
-            rh.box_head,
-            rh.box_predictor,
-            rh.proposal_matcher.high_threshold,
-            rh.proposal_matcher.low_threshold,
-            rh.fg_bg_sampler.batch_size_per_image,
-            rh.fg_bg_sampler.positive_fraction,
-            rh.box_coder.weights,
-            rh.score_thresh,
-            rh.nms_thresh,
-            rh.detections_per_img,
-            rh.mask_roi_pool,
-            rh.mask_head,
-            rh.mask_predictor,
-        )
-        new.drop_loss, new.drop_iou = bool(drop_loss), float(drop_iou)
-        new.last_keep = None
-        return new
-
-    def forward(self, features, proposals, image_shapes, targets=None):
-        if not self.training:
-            return super().forward(features, proposals, image_shapes, targets)
-        from torchvision.models.detection.roi_heads import maskrcnn_loss
-
-        if targets is None:
-            raise ValueError("targets are required in training mode")
-        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
-        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
-        class_logits, box_regression = self.box_predictor(box_features)
-        loss_cls, loss_box, keep = droploss_fastrcnn_loss(
-            class_logits,
-            box_regression,
-            labels,
-            regression_targets,
-            proposals,
-            [t["boxes"] for t in targets],
-            self.box_coder,
-            self.drop_iou,
-            self.drop_loss,
-        )
-        self.last_keep = keep
-        losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
-        if self.has_mask():
-            mask_proposals, pos_idx = [], []
-            for p, lab, mi in zip(proposals, labels, matched_idxs):
-                pos = torch.where(lab > 0)[0]
-                mask_proposals.append(p[pos])
-                pos_idx.append(mi[pos])
-            mask_logits = self.mask_predictor(
-                self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes))
-            )
-            losses["loss_mask"] = maskrcnn_loss(
-                mask_logits, mask_proposals, [t["masks"] for t in targets], [t["labels"] for t in targets], pos_idx
-            )
-        return [], losses
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,18 +97,37 @@ def _strip(sd: dict) -> dict:
     return out
 
 
+def read_backbone_state(path) -> dict:
+    """ResNet-body weights (torchvision names) from a file: a torchvision / DINO ResNet state dict
+    (``dino_resnet50_pretrain.pth``; prefixes ``module.`` / ``backbone.`` and wrappers ``state_dict`` /
+    ``model`` / ``teacher`` stripped, ``fc.*`` ignored) or a detectron2-format one (CutLER's
+    ``dino_RN50_pretrain_d2_format.pkl``: ``stem.*`` / ``res2.*`` ... numpy arrays, or a whole detectron2 model).
+    Read with the restricted reader of :func:`~nbsupport.training.cutler.d2format.read_detectron2`."""
+    from nbsupport.training.cutler import d2format
+
+    obj = d2format.read_detectron2(path)
+    inner = obj
+    for key in ("state_dict", "model", "teacher", "student"):
+        if isinstance(inner.get(key), dict):
+            inner = inner[key]
+    arrays = {k: v for k, v in inner.items() if isinstance(k, str) and hasattr(v, "shape")}
+    sd = d2format.as_tensors(arrays, str(path))
+    d2 = d2format.backbone_state(sd)
+    return d2 if d2 else _strip(sd)
+
+
 def load_backbone_weights(model, path) -> dict:
-    """Load ResNet weights (e.g. DINO ResNet-50 ``dino_resnet50_pretrain.pth`` or a torchvision ResNet state
-    dict) into ``model.backbone.body`` with ``torch.load(weights_only=True)``. Prefixes ``module.``,
-    ``backbone.`` and wrappers ``state_dict``/``model``/``teacher`` are stripped, ``fc.*`` ignored.
-    Raises when no tensor matches (wrong file). Returns ``{"loaded", "missing", "unexpected"}``."""
+    """Load ResNet weights (:func:`read_backbone_state`: DINO ResNet-50 ``dino_resnet50_pretrain.pth``, a
+    torchvision ResNet state dict, or CutLER's detectron2-format ``dino_RN50_pretrain_d2_format.pkl``) into
+    ``model.backbone.body``. Raises when no tensor matches (wrong file). Returns ``{"loaded", "missing",
+    "unexpected"}``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"backbone weights {path} not found (give a ResNet state dict, e.g. DINO "
             "ResNet-50 dino_resnet50_pretrain.pth, or weights=None for random init)"
         )
-    sd = _strip(torch.load(path, map_location="cpu", weights_only=True))
+    sd = read_backbone_state(path)
     body = model.backbone.body
     own = body.state_dict()
     usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
@@ -257,23 +157,37 @@ def build_model(
     box_batch_size_per_image: int = 512,
     trainable_layers: int = 5,
     representation_size: int = 1024,
+    head: str = "cascade",
+    cascade_ious=CASCADE_IOUS,
+    cascade_weights=CASCADE_WEIGHTS,
+    fpn_norm: bool = True,
+    aligned_roi: bool = True,
 ) -> nn.Module:
-    """Class-agnostic Mask R-CNN with the CutLER settings (see module docstring).
+    """Class-agnostic CutLER detector with the reference settings (see the package docstring).
 
-    ``arch``: ``resnet50`` (torchvision ``maskrcnn_resnet50_fpn``), ``resnet50_v2`` (``..._fpn_v2``),
-    ``resnet18`` / ``resnet34`` (small FPN models for tests). ``weights``: path of ResNet backbone weights
-    or ``None`` (random init; nothing is downloaded). BatchNorm layers are trainable ``nn.BatchNorm2d``
-    (the reference trains SyncBN with FREEZE_AT 0); ``trainable_layers`` 0..5 freezes early stages.
-    ``representation_size``: width of the two-FC box head (1024 as torchvision and detectron2; smaller only
-    for fast CPU tests; ``resnet50_v2`` keeps its own conv head). A misspelt keyword is a ``TypeError`` (it
-    would otherwise leave a setting silently at its default).
+    ``arch``: ``resnet50`` (ResNet-50 FPN, torchvision's ``maskrcnn_resnet50_fpn`` layout), ``resnet50_v2``
+    (torchvision's ``..._fpn_v2``: its own conv box head and normalised FPN), ``resnet18`` / ``resnet34`` (small
+    FPN models for tests). ``weights``: path of ResNet backbone weights or ``None`` (random init; nothing is
+    downloaded). BatchNorm layers are trainable ``nn.BatchNorm2d`` (the reference trains SyncBN with
+    FREEZE_AT 0); ``trainable_layers`` 0..5 freezes early stages. ``representation_size``: width of the
+    two-FC box head(s) (1024 as torchvision and detectron2; smaller only for fast CPU tests).
+
+    As CutLER's configs: ``head`` ``"cascade"`` (three class-agnostic stages at ``cascade_ious`` with the box
+    coders ``cascade_weights``, :class:`~nbsupport.training.cutler.heads.CascadeRoIHeads`) or ``"mask_rcnn"``
+    (torchvision's head with DropLoss); ``fpn_norm``: BatchNorm after every FPN conv (CutLER's FPN NORM
+    SyncBN; False: torchvision's plain FPN); ``aligned_roi``: detectron2's ROIAlignV2 pooler for box and mask
+    RoIs (False: torchvision's). A misspelt keyword is a ``TypeError`` (it would otherwise leave a setting
+    silently at its default).
     """
     import torchvision.models.detection as D
     from torchvision.models import resnet
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     if not 0 <= int(trainable_layers) <= 5:
         raise ValueError(f"trainable_layers must be 0..5, got {trainable_layers}")
     min_size = tuple(int(s) for s in (min_size if isinstance(min_size, (list, tuple)) else [min_size]))
@@ -290,19 +204,19 @@ def build_model(
         rpn_nms_thresh=float(rpn_nms_thresh),
         box_batch_size_per_image=int(box_batch_size_per_image),
     )
-    if arch == "resnet50":
-        model = D.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **kw)
-    elif arch == "resnet50_v2":
+    rep = int(representation_size)
+    if arch == "resnet50_v2":
         model = D.maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, **kw)
     else:
         body = getattr(resnet, arch)(weights=None, norm_layer=nn.BatchNorm2d)
-        backbone = _resnet_fpn_extractor(body, 5)
+        backbone = _resnet_fpn_extractor(body, 5, norm_layer=nn.BatchNorm2d if fpn_norm else None)
         model = D.MaskRCNN(backbone, **kw)
-    if arch != "resnet50_v2" and int(representation_size) != 1024:
-        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-
-        model.roi_heads.box_head = TwoMLPHead(model.backbone.out_channels * 7 * 7, int(representation_size))
-        model.roi_heads.box_predictor = FastRCNNPredictor(int(representation_size), num_classes)
+        if rep != 1024:
+            model.roi_heads.box_head = TwoMLPHead(model.backbone.out_channels * 7 * 7, rep)
+            model.roi_heads.box_predictor = FastRCNNPredictor(rep, num_classes)
+    if aligned_roi:
+        model.roi_heads.box_roi_pool = RoIAlignV2Pooler(output_size=7)
+        model.roi_heads.mask_roi_pool = RoIAlignV2Pooler(output_size=14)
     if weights is not None:
         model.nbs_weights = load_backbone_weights(model, weights)
     # freeze early stages when asked (torchvision's rule: train the last `trainable_layers` of layer4..conv1;
@@ -315,8 +229,20 @@ def build_model(
     model.transform = _transform_cls()(
         min_size, int(max_size), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], min_size_test
     )
-    model.roi_heads = DropLossRoIHeads.from_roi_heads(model.roi_heads, drop_loss, drop_iou)
-    model.nbs_arch = arch
+    if head == "cascade":
+        C = model.backbone.out_channels
+        if arch == "resnet50_v2":
+            heads = [FastRCNNConvFCHead((C, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d) for _ in cascade_ious]
+            rep = 1024
+        else:
+            heads = [TwoMLPHead(C * 7 * 7, rep) for _ in cascade_ious]
+        preds = [CascadePredictor(rep, num_classes) for _ in cascade_ious]
+        model.roi_heads = CascadeRoIHeads.from_roi_heads(
+            model.roi_heads, heads, preds, cascade_ious, cascade_weights, drop_loss, drop_iou
+        )
+    else:
+        model.roi_heads = DropLossRoIHeads.from_roi_heads(model.roi_heads, drop_loss, drop_iou)
+    model.nbs_arch, model.nbs_head = arch, head
     return model
 
 
