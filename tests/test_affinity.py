@@ -193,6 +193,70 @@ def test_planted_classes_are_separable_and_table():
     assert (good > 0.99).all() and (abs(bad - 0.5) < 0.1).all()
 
 
+# ---------------------------------------------------------------- image-level pairs (Fig 8 as the thesis draws it)
+
+
+def test_image_class_sets_by_rule():
+    classes = [{1: 50}, {1: 10, 2: 40}, {2: 30}, {}, {3: 5, 1: 5}]
+    keep, member = affinity.image_class_sets(classes, "dominant")  # labels 1, 2, 2, -, 1 (tie: smaller id)
+    assert keep.tolist() == [0, 1, 2, 4] and member.argmax(1).tolist() == [0, 1, 1, 0]
+    keep, member = affinity.image_class_sets(classes, "shared")  # columns: classes 1, 2, 3
+    assert keep.tolist() == [0, 1, 2, 4]
+    assert member.tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 0], [1, 0, 1]]
+    keep, member = affinity.image_class_sets(classes, "single")
+    assert keep.tolist() == [0, 2] and member.tolist() == [[1, 0], [0, 1]]
+    with pytest.raises(ValueError, match="rule"):
+        affinity.image_class_sets(classes, "majority")
+    with pytest.raises(ValueError, match="positive"):
+        affinity.image_class_sets([{1: 0}], "shared")
+
+
+def test_image_pairs_follow_the_rule_by_hand():
+    """Five images (the fourth without objects): one-hot descriptors so that each pair's score names it."""
+    classes = [{1: 50}, {1: 10, 2: 40}, {2: 30}, {}, {3: 5, 1: 5}]
+    desc = np.eye(5) * np.arange(1, 6)[:, None]  # image b = (b + 1) e_b: dot(i, j) = 0, euclidean named below
+    name = {round(float(np.hypot(i + 1, j + 1)), 9): (i, j) for i in range(5) for j in range(i + 1, 5)}
+
+    def pairs(rule):
+        same, diff = affinity.same_vs_different_images(desc, classes, rule, "euclidean")
+        return sorted(name[round(v, 9)] for v in same), sorted(name[round(v, 9)] for v in diff)
+
+    assert pairs("dominant") == ([(0, 4), (1, 2)], [(0, 1), (0, 2), (1, 4), (2, 4)])
+    assert pairs("shared") == ([(0, 1), (0, 4), (1, 2), (1, 4)], [(0, 2), (2, 4)])
+    assert pairs("single") == ([], [(0, 2)])
+    with pytest.raises(ValueError, match="len\\(classes\\)"):
+        affinity.same_vs_different_images(desc[:4], classes)
+
+
+def test_image_pairs_planted_auc_is_seven_twelfths():
+    """Class 1: four images along e0; class 2: two along e1 and two along e0 (look like class 1). Cosine:
+    same pairs 8 x 1 and 4 x 0, different pairs 8 x 0 and 8 x 1, so AUC = 2/3 * 1/2 + (1/3 + 1/6) / 2."""
+    e0, e1 = np.eye(2)
+    desc = np.stack([e0] * 4 + [e1] * 2 + [e0] * 2)
+    classes = [{1: 100}] * 4 + [{2: 100}] * 4
+    same, diff = affinity.same_vs_different_images(desc, classes, "dominant", "cosine")
+    assert sorted(same.round(6).tolist()) == [0.0] * 4 + [1.0] * 8
+    assert sorted(diff.round(6).tolist()) == [0.0] * 8 + [1.0] * 8
+    table = affinity.image_separability_table({("key", 9): desc}, classes, "dominant", ("cosine", "euclidean"))
+    assert table.set_index("measure").auc.tolist() == pytest.approx([7 / 12, 7 / 12])
+    assert table.n_same.tolist() == [12, 12] and table.n_diff.tolist() == [16, 16]
+
+
+def test_image_separability_table_dominant_equals_labels_table():
+    desc, labels = planted(n_per=12)
+    rng = np.random.default_rng(0)
+    # every image gets its planted class as the dominant one and a smaller second class
+    classes = [{int(c): 100, int(rng.integers(1, 4)) + 10: 40} for c in labels]
+    classes[5] = {}  # an image without objects takes no part
+    keep = [b for b in range(len(labels)) if b != 5]
+    img = affinity.image_separability_table({("key", 9): desc}, classes, "dominant", ("cosine",), max_pairs=300)
+    ref = affinity.separability_table({("key", 9): desc[keep]}, labels[keep], ("cosine",), max_pairs=300)
+    assert img.equals(ref)
+    assert img.auc[0] > 0.99
+    shared = affinity.image_separability_table({("key", 9): desc}, classes, "shared", ("cosine",))
+    assert shared.n_same[0] > ref.n_same[0] and shared.auc[0] < img.auc[0]  # extra classes add mixed pairs
+
+
 # ---------------------------------------------------------------- intra / inter patch pairs (MMC b)
 
 
@@ -275,7 +339,7 @@ def test_intra_inter_on_planted_patches():
     assert s["auc"] == 1.0 and s["overlap"] == 0.0
 
 
-# ---------------------------------------------------------------- affinity, prompt-patch segmentation (MMC a)
+# ---------------------------------------------------------------- patch affinity (Fig 26)
 
 
 def grid_with_square():
@@ -287,68 +351,13 @@ def grid_with_square():
     return f, m
 
 
-def test_prompt_patch_segment_recovers_planted_region():
+def test_patch_affinity_by_hand():
     f, m = grid_with_square()
-    yx = affinity.sample_prompt_points(m)
-    assert m[yx]
-    for t in (0.1, 0.3, 0.5, 0.7, 0.9):
-        np.testing.assert_array_equal(affinity.prompt_patch_segment(f, yx, t).numpy(), m)
-    df = affinity.threshold_sweep_miou([f], [m[None]], ts=(0.1, 0.5))
-    assert affinity.sweep_summary(df) == {0.1: 1.0, 0.5: 1.0, "opt": 1.0}
-
-
-def test_threshold_sweep_hand_computed():
-    """Object A (6 patches, feature e1) and object B (6 patches, cos 0.25 to e1), background e3: a
-    prompt in either object also grabs the other for t < 0.25 -> IoU 6/12; for t > 0.25 IoU 1."""
-    f = torch.zeros(6, 6, 3)
-    f[..., 2] = 1
-    f[0:2, 0:3] = torch.tensor([1.0, 0, 0])
-    f[3:5, 3:6] = torch.tensor([0.25, np.sqrt(1 - 0.0625), 0])
-    masks = np.zeros((2, 6, 6), bool)
-    masks[0, 0:2, 0:3] = True
-    masks[1, 3:5, 3:6] = True
-    df = affinity.threshold_sweep_miou(torch.stack([f, f]), [masks, masks[1]], ts=(0.1, 0.2, 0.3, 0.4))
-    assert len(df) == 3 and df.attrs["thresholds"] == [0.1, 0.2, 0.3, 0.4]
-    assert (df.y[0], df.x[0]) == (0, 0)  # every patch of a 2-row object is 1 from the border: lowest index
-    summ = affinity.sweep_summary(df)
-    assert summ == pytest.approx({0.1: 0.5, 0.2: 0.5, 0.3: 1.0, 0.4: 1.0, "opt": 1.0})
-    rnd = affinity.threshold_sweep_miou([f], [masks], ts=(0.1, 0.3), mode="random", rng=2)
-    assert all(masks[k][y, x] for k, y, x in zip(rnd.object, rnd.y, rnd.x))
-    with pytest.raises(ValueError, match="feature grid"):
-        affinity.threshold_sweep_miou([f], [masks[:, :3]])
-
-
-def test_prompt_point_is_the_centre():
-    m = np.zeros((9, 9), bool)
-    m[2:7, 3:8] = True
-    assert affinity.sample_prompt_points(m) == (4, 5)
-    m2 = np.zeros((6, 6), bool)
-    m2[0:5, 0:5] = True  # touches the border: the grid edge counts as outside
-    assert affinity.sample_prompt_points(m2) == (2, 2)
-    pts = {affinity.sample_prompt_points(m, "random", rng=r) for r in range(20)}
-    assert all(m[p] for p in pts) and len(pts) > 5
-    with pytest.raises(ValueError, match="empty"):
-        affinity.sample_prompt_points(np.zeros((3, 3), bool))
-    with pytest.raises(ValueError, match="mode"):
-        affinity.sample_prompt_points(m, "corner")
-
-
-def test_similarity_map_and_affinity():
-    f, m = grid_with_square()
-    s = affinity.similarity_map(f, (3, 4))
-    assert s.shape == (8, 8) and torch.allclose(s[torch.from_numpy(m)], torch.ones(int(m.sum())))
-    assert torch.allclose(s[torch.from_numpy(~m)], torch.zeros(int((~m).sum())))
-    v = affinity.similarity_map(f, torch.tensor([0.0, 2.0, 0, 0]))
-    assert torch.allclose(v[0, 0], torch.tensor(1.0))
     A = affinity.patch_affinity(f)
     assert A.shape == (64, 64) and torch.allclose(A, A.T) and torch.allclose(A.diagonal(), torch.ones(64))
     assert A[2 * 8 + 3, 4 * 8 + 6] == 1.0 and A[0, 2 * 8 + 3] == 0.0  # row-major patch order
     D = affinity.patch_affinity(f, "euclidean", dtype=torch.float64)
     np.testing.assert_allclose(D.numpy(), cdist(f.reshape(64, 4), f.reshape(64, 4)), atol=1e-12)
-    with pytest.raises(ValueError, match="query"):
-        affinity.similarity_map(f, torch.ones(3))
-    with pytest.raises(ValueError, match="outside"):
-        affinity.similarity_map(f, (8, 0))
 
 
 # ---------------------------------------------------------------- LarvSeg prototypes, mIoU

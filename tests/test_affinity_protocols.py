@@ -2,6 +2,7 @@
 independent re-draw of the patch sample, planted features with known scores, a hand-computed contrast."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -171,3 +172,131 @@ def test_example_object_is_the_first_with_patches():
     assert b == 1 and m.tolist() == [[False, True], [False, False]]
     with pytest.raises(ValueError, match="no object"):
         ap.example_object(GridTruth(inst[:1].copy(), inst[:1], [np.array([0, 3])]))
+
+
+# ---------------------------------------------------------------- Fig 8 over images
+
+
+def test_image_classes_and_image_descriptors(coco):
+    from nbsupport.data.instances import semantic_labels
+
+    ids = coco.image_ids
+    classes = ap.image_classes(coco, ids)
+    for i, c in zip(ids, classes):
+        sem = semantic_labels(coco, i, ignore=-1)
+        vals, counts = np.unique(sem[sem > 0], return_counts=True)
+        assert c == dict(zip(vals.tolist(), counts.tolist())) and c
+    model = backbones.load("random_tiny8")
+    images, truth = ap.study_inputs(coco, ids, 64, 8)
+    requests = [("key", 1), ("token", 2)]
+    for pool in ("mean", "max", "cls"):
+        s = ap.summarise_features({"m": model}, images, truth, requests, ("key", 1), 4, 2, image_pool=pool)["m"]
+        assert s.image_pool == pool
+        for facet, layer in requests:
+            grid, cls = features.extract(model, images, facet, layer, include_cls=True)
+            want = {"mean": grid.mean((1, 2)), "max": grid.amax((1, 2)), "cls": cls}[pool]
+            torch.testing.assert_close(s.images[(facet, layer)], want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="image_pool"):
+        ap.summarise_features({"m": model}, images, truth, requests, ("key", 1), image_pool="median")
+
+
+def test_image_separability_and_fig8_pairs_on_planted_images():
+    """Eight images, the planted case of test_affinity (AUC 7/12 at image level); objects as before."""
+    s, _ = planted_summary()
+    e0, e1 = torch.eye(2)
+    s.images = {("key", 0): torch.stack([e0] * 4 + [e1] * 2 + [e0] * 2)}
+    classes = [{1: 9}] * 4 + [{2: 9}] * 4
+    table = ap.image_separability({"model": s, "floor": s}, classes, "dominant", ["cosine"], 100, 0)
+    assert table.model.tolist() == ["model", "floor"] and table.auc.tolist() == pytest.approx([7 / 12] * 2)
+    assert table.n_same.tolist() == [12, 12] and table.n_diff.tolist() == [16, 16]
+    same, diff = ap.fig8_pairs(s, ("key", 0), "cosine", "image", classes)
+    assert len(same) == 12 and len(diff) == 16
+    same, diff = ap.fig8_pairs(s, ("key", 0), "cosine", "object")  # objects [1, 1, 2, 2]: 2 same, 4 different
+    assert len(same) == 2 and len(diff) == 4 and same.min() > 0.99 and diff.max() < 0.1
+    with pytest.raises(ValueError, match="classes"):
+        ap.fig8_pairs(s, ("key", 0), "cosine", "image")
+    with pytest.raises(ValueError, match="level"):
+        ap.fig8_pairs(s, ("key", 0), "cosine", "patch", classes)
+
+
+# ---------------------------------------------------------------- the prompt-patch sweep in MMC's setting
+
+
+def test_normalised_tokens_are_the_vit_output():
+    model = backbones.load("random_tiny8")
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model.forward_features(x)[:, 1:].reshape(2, 4, 6, -1)  # timm: blocks, then the final norm
+    got = ap.sweep_features(model, x, "token_norm", -1)
+    torch.testing.assert_close(got, out, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, features.extract(model, x, "token", -1), atol=1e-2)
+    torch.testing.assert_close(ap.sweep_features(model, x, "key", 1), features.extract(model, x, "key", 1))
+    with pytest.raises(ValueError, match="facet"):
+        ap.sweep_features(model, x, "attn")
+
+
+def test_mmc_sweep_on_patches_equals_the_thesis_sweep(coco):
+    model = backbones.load("random_tiny8")
+    models = {"model": model, "floor": backbones.random_like(model, seed=3)}
+    ids = coco.image_ids
+    images, truth = ap.study_inputs(coco, ids, 64, 8)
+    summ = ap.summarise_features(models, images, truth, [("key", 1)], ("key", 1), 4, 2)
+    ts = [0.1, 0.3, 0.5]
+    want = ap.prompt_sweep(summ, truth, ts)
+    got, per = ap.mmc_prompt_sweep(models, coco, ids, 64, ts, facet="key", layer=1, iou="patch", batch_size=2)
+    pd.testing.assert_frame_equal(got, want, atol=1e-6)
+    assert sorted(per["model"].image.unique().tolist()) == list(range(len(ids)))
+    with pytest.raises(ValueError, match="iou"):
+        ap.mmc_prompt_sweep(models, coco, ids, 64, ts, iou="box")
+
+
+def test_mmc_pixel_sweep_with_a_constant_map_scores_object_areas(coco):
+    """A model whose final LayerNorm maps every token to the same vector: the similarity map is 1
+    everywhere, so at every t < 1 the prediction is the whole judged image and IoU = object / image."""
+    import copy
+
+    from nbsupport.data.instances import instance_map
+
+    model = copy.deepcopy(backbones.load("random_tiny8"))
+    with torch.no_grad():
+        model.norm.weight.zero_()
+        model.norm.bias.fill_(1.0)
+    ids = coco.image_ids
+    summary, per = ap.mmc_prompt_sweep({"flat": model}, coco, ids, 48, [0.2, 0.9], batch_size=2)
+    want = []
+    for i in ids:
+        ids_map, classes = instance_map(coco, i)
+        want += [(ids_map == k).sum() / (ids_map >= 0).sum() for k in range(1, len(classes)) if (ids_map == k).any()]
+    np.testing.assert_allclose(per["flat"][0.2].to_numpy(), want, rtol=1e-6)
+    np.testing.assert_allclose(per["flat"][0.9].to_numpy(), want, rtol=1e-6)
+    assert summary.loc["flat", "opt"] == pytest.approx(np.mean(want))
+
+
+def test_sweep_comparison_and_settings_table():
+    thesis = pd.DataFrame({0.1: [0.5], 0.2: [0.25], "opt": [0.5]}, index=["model"])
+    mmc = pd.DataFrame({0.1: [0.3, 0.1], 0.2: [0.36, 0.2], "opt": [0.36, 0.2]}, index=["model", "floor"])
+    table = ap.sweep_comparison({"thesis setting": thesis, "MMC setting": mmc}, [0.1, 0.2])
+    assert table.index.tolist() == [
+        "thesis setting: model",
+        "MMC setting: model",
+        "MMC setting: floor",
+        "MMC Table 1: DINO ViT-B/16",
+        "MMC Table 1: random init ViT-B/16",
+    ]
+    assert table.loc["MMC setting: model"].tolist() == pytest.approx([30.0, 36.0, 36.0])
+    assert table.loc["MMC Table 1: DINO ViT-B/16"].tolist() == [33.3, 35.1, 35.1]
+    thesis[0.5] = 0.1
+    wide = ap.sweep_comparison({"x": thesis}, [0.1, 0.5])  # MMC reports no t = 0.5
+    assert wide.loc["x: model", 0.5] == pytest.approx(10.0)
+    assert np.isnan(wide.loc["MMC Table 1: DINO ViT-B/16", 0.5]) and wide.loc["MMC Table 1: DINO ViT-B/16", 0.1] == 33.3
+    model = backbones.load("random_tiny8")  # 4 blocks, patch 8
+    run = ap.sweep_setting(model, 240, "token_norm", -1, "pixel", "coco val2017")
+    assert run["token grid"] == "30 x 30" and run["features"] == "tokens after the final LayerNorm, last block"
+    other = ap.sweep_setting(model, 64, "key", 1, "patch", "synthetic val (seed 0)")
+    assert other["features"] == "keys, block 1 of 4" and other["token grid"] == "8 x 8"
+    st = ap.settings_table({"MMC setting": run, "thesis setting": other})
+    assert st.loc["token grid", "MMC setting vs MMC"] == "same" and st.loc["input", "MMC setting vs MMC"] == "differs"
+    assert st.loc["features", "MMC setting vs MMC"] == "same" and st.loc["IoU", "MMC setting vs MMC"] == "same"
+    assert st.loc["data", "MMC setting vs MMC"] == "same" and st.loc["backbone", "MMC setting vs MMC"] == "differs"
+    assert st.loc["prompt patch", "thesis setting vs MMC"] == "not stated"
+    assert (st.loc[["input", "token grid", "features", "IoU", "data"], "thesis setting vs MMC"] == "differs").all()

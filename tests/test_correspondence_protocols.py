@@ -71,6 +71,52 @@ def test_k_table_counts_and_precision_by_hand():
         cp.k_table(relaxed, [1], [lab])
 
 
+def foreground_case():
+    """1 x 3 grids. A: a0 = e0 (salient), a1 = e1 and a2 = -e0 (background); B: b0 = (1, 0.05)
+    (background, a0's nearest), b1 = (0.8, 0.6) and b2 = e1 (salient).
+
+    Plain best buddies (all patches): (a0, b0) and (a1, b2), each with a background end, so none is left
+    after the saliency filter. On the salient foreground only, a0 meets b1 (k = 1) and also b2 (k = 2);
+    filtering at k = 2 keeps (a0, b1) alone (rank 2: b0 stays a0's first choice)."""
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    b = torch.tensor([[1.0, 0.05], [0.8, 0.6], [0.0, 1.0]])
+    da = (a, torch.tensor([[1.0, 0.0, 0.0]]), (1, 3))
+    db = (b, torch.tensor([[0.0, 1.0, 1.0]]), (1, 3))
+    return [da, db]
+
+
+def test_fig2_restricted_relaxed_against_plain_best_buddies_by_hand():
+    desc = foreground_case()
+    fig2 = cp.fig2_correspondences(desc, [(8, 24)] * 2, (8, 24), 8, 8, n_pairs=5, thresh=0.05, k=2)
+    relaxed, plain = fig2["relaxed"][0], fig2["plain"][0]
+    assert relaxed.foreground == "restrict" and relaxed.k == 2 and plain.foreground == "filter" and plain.k == 1
+    assert relaxed.all_pairs.tolist() == [[0, 1], [0, 2]] and relaxed.all_ranks.tolist() == [1, 2]
+    assert relaxed.pairs.tolist() == [[0, 1], [0, 2]]  # fewer pairs than n_pairs: all of them are shown
+    assert plain.all_pairs.tolist() == [] and plain.n_unfiltered == 2 and len(plain.pairs) == 0
+    at1 = cp.fig2_correspondences(desc, [(8, 24)] * 2, (8, 24), 8, 8, n_pairs=5, k=1)["relaxed"][0]
+    assert at1.all_pairs.tolist() == [[0, 1]]
+    # the points of a pair: patch centres in the 8 x 24 input, x = 4 + 8 * index
+    assert relaxed.points_b.tolist() == [[4.0, 12.0], [4.0, 20.0]] and relaxed.points_a.tolist() == [[4.0, 4.0]] * 2
+
+
+def test_k_tables_count_both_foreground_rules_by_hand():
+    relaxed, counts, pooled = cp.k_tables(foreground_case(), [(8, 24)] * 2, (8, 24), 8, 8, [1, 2], thresh=0.05)
+    assert set(relaxed) == {"filter", "restrict"} and all(r[0].k == 2 for r in relaxed.values())
+    assert list(counts.columns[:3]) == ["foreground", "query", "k"]
+    c = counts.set_index(["foreground", "k"])
+    assert c.loc[("filter", 1), "pairs (all patches)"] == 2 and c.loc[("filter", 1), "pairs (salient)"] == 0
+    assert c.loc[("filter", 2), "pairs (all patches)"] == 4 and c.loc[("filter", 2), "pairs (salient)"] == 1
+    assert c.loc[("restrict", 1), "pairs (salient)"] == 1 and c.loc[("restrict", 2), "pairs (salient)"] == 2
+    assert c.loc[("restrict", 2), "pairs (all patches)"] == 2  # restricted: only salient patches compete
+    assert pooled.index.names == ["foreground", "k"] and pooled.loc[("restrict", 2), "pairs (salient)"] == 2
+    lab = np.zeros((8, 24), int)
+    lab[:, :16] = 1  # patches 0 and 1 on class 1, patch 2 on background
+    _, counts, pooled = cp.k_tables(
+        foreground_case(), [(8, 24)] * 2, (8, 24), 8, 8, [2], 0.05, [lab, lab], ["restrict"]
+    )
+    assert counts.precision.tolist() == [0.5]  # (a0, b1) on class 1, (a0, b2) ends on background
+
+
 def test_shifted_copy_control_against_patch_indices():
     model = backbones.load("random_tiny8")
     img = (np.random.default_rng(3).random((64, 64, 3)) * 255).astype(np.uint8)

@@ -1,18 +1,20 @@
 """Feature affinity: which similarity or distance separates same-class from different-class features.
 
-Thesis section 4.1 / Fig 8 compares similarity and distance measures over DINO keys of same-class and
-different-class images; Fig 26 shows patch-by-patch affinity matrices. Two frozen-feature protocols of
-the MMC paper are added: (a) prompt-patch zero-shot segmentation (``cos(prompt, patch) > t`` swept over
-``t``, scored by mIoU) and (b) intra- vs inter-object patch similarity with the overlap area O of the
-two histograms; and LarvSeg's probe (one random patch per ground-truth class as a prototype, argmax
-cosine).
+Thesis section 4.1 / Fig 8 compares similarity and distance measures over DINO keys of images of the same
+and of different classes (:func:`image_descriptor` pools one key per image, :func:`same_vs_different_images`
+splits image pairs, multi-label images by an explicit rule); the same comparison over object descriptors
+is :func:`same_vs_different`. Fig 26 shows patch-by-patch affinity matrices (:func:`patch_affinity`).
+MMC's protocol (b), intra- vs inter-object patch similarity with the overlap area O of the two
+histograms, is :func:`patch_pairs`; its protocol (a), prompt-patch zero-shot segmentation, lives in
+:mod:`nbsupport.analysis.prompt_patch`; LarvSeg's probe (one random patch per ground-truth class as a
+prototype, argmax cosine) closes the module.
 
 Pure math on torch tensors or numpy arrays (both accepted everywhere). Conventions:
 
-* maps and matrices (``pairwise``, ``patch_affinity``, ``similarity_map``, ``prompt_patch_segment``,
-  ``image_descriptor``) are returned as **torch** tensors, on the input's device;
-* score vectors (``paired``, ``same_vs_different``, ``patch_pairs``) are **numpy** float64 arrays;
-  label maps on the patch grid are numpy int64 arrays (-1 = no label);
+* maps and matrices (``pairwise``, ``patch_affinity``, ``image_descriptor``) are returned as **torch**
+  tensors, on the input's device;
+* score vectors (``paired``, ``same_vs_different``, ``same_vs_different_images``, ``patch_pairs``) are
+  **numpy** float64 arrays; label maps on the patch grid are numpy int64 arrays (-1 = no label);
 * for a distance ``higher_is_similar`` is False and ROC AUC is computed on the negated distance, so
   an AUC of 1 always means "every same-class pair looks more similar than every different-class pair".
 """
@@ -261,20 +263,8 @@ def separability(same, diff, higher_is_similar: bool = True, bins: int = 100) ->
     }
 
 
-def separability_table(
-    desc_by_key: dict,
-    labels,
-    measures=("cosine", "dot", "euclidean", "manhattan", "pearson"),
-    max_pairs: int = 20000,
-    rng=0,
-    bins: int = 100,
-):
-    """The thesis Fig 8 study as a table across facets and layers.
-
-    ``desc_by_key``: ``{(facet, layer): descriptors [N, D]}`` (same ``N`` objects, labelled by ``labels
-    [N]``). For every key and measure: same- vs different-label pairs (the same seeded pairs for every
-    key) scored by :func:`separability`. Returns a pandas DataFrame with columns facet, layer, measure,
-    auc, overlap, mean_same, mean_diff, d_prime, n_same, n_diff."""
+def _table(desc_by_key: dict, split, measures, bins: int):
+    """One :func:`separability` row per (key, measure); ``split(desc, measure) -> (same, diff)``."""
     import pandas as pd
 
     if isinstance(measures, str):
@@ -285,17 +275,114 @@ def separability_table(
     for key, desc in desc_by_key.items():
         facet, layer = key if isinstance(key, tuple) and len(key) == 2 else (key, None)
         for m in measures:
-            same, diff = same_vs_different(desc, labels, m, max_pairs, rng)
-            rows.append(
-                {
-                    "facet": facet,
-                    "layer": layer,
-                    "measure": m,
-                    **separability(same, diff, get_measure(m).higher_is_similar, bins),
-                }
-            )
+            same, diff = split(desc, m)
+            sep = separability(same, diff, get_measure(m).higher_is_similar, bins)
+            rows.append({"facet": facet, "layer": layer, "measure": m, **sep})
     cols = ["facet", "layer", "measure", "auc", "overlap", "mean_same", "mean_diff", "d_prime", "n_same", "n_diff"]
     return pd.DataFrame(rows, columns=cols)
+
+
+def separability_table(
+    desc_by_key: dict,
+    labels,
+    measures=("cosine", "dot", "euclidean", "manhattan", "pearson"),
+    max_pairs: int = 20000,
+    rng=0,
+    bins: int = 100,
+):
+    """The thesis Fig 8 study as a table across facets and layers, one label per item (objects).
+
+    ``desc_by_key``: ``{(facet, layer): descriptors [N, D]}`` (same ``N`` objects, labelled by ``labels
+    [N]``). For every key and measure: same- vs different-label pairs (the same seeded pairs for every
+    key) scored by :func:`separability`. Returns a pandas DataFrame with columns facet, layer, measure,
+    auc, overlap, mean_same, mean_diff, d_prime, n_same, n_diff. Images with several classes:
+    :func:`image_separability_table`."""
+    return _table(desc_by_key, lambda d, m: same_vs_different(d, labels, m, max_pairs, rng), measures, bins)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Image-level pairs (thesis Fig 8 compares images: one descriptor per image)
+
+#: How a pair of (possibly multi-label) images is judged same-class or different-class.
+IMAGE_PAIR_RULES = ("dominant", "shared", "single")
+
+
+def image_class_sets(classes, rule: str = "dominant") -> tuple[np.ndarray, np.ndarray]:
+    """The images of the image-level comparison and the classes each one counts with.
+
+    ``classes``: per image a dict ``{class id: area}`` of the object classes it shows (background left
+    out; the area in pixels, or any positive weight). ``rule``:
+
+    * ``"dominant"``: an image is labelled by the class covering most of it (ties: the smaller id); a
+      pair is same-class when the two labels are equal;
+    * ``"shared"``: a pair is same-class when the images share at least one class, different-class when
+      they share none;
+    * ``"single"``: only images with exactly one class take part (the strict reading of "images of the
+      same class"); same-class when the classes are equal.
+
+    Images without a class never take part. Returns ``(keep [n] int64 image indices, member bool [n,
+    C])``: row ``r`` marks the classes image ``keep[r]`` counts with, so a pair is same-class exactly when
+    two rows share a column."""
+    if rule not in IMAGE_PAIR_RULES:
+        raise ValueError(f"rule must be one of {IMAGE_PAIR_RULES}, got {rule!r}")
+    sets = []
+    for b, c in enumerate(classes):
+        c = {int(k): float(v) for k, v in dict(c).items()}
+        if any(v <= 0 for v in c.values()):
+            raise ValueError(f"image {b}: class areas must be positive, got {c}")
+        sets.append(c)
+    if rule == "dominant":
+        chosen = [[min(c, key=lambda k: (-c[k], k))] if c else [] for c in sets]
+    elif rule == "single":
+        chosen = [list(c) if len(c) == 1 else [] for c in sets]
+    else:
+        chosen = [sorted(c) for c in sets]
+    keep = np.array([b for b, c in enumerate(chosen) if c], np.int64)
+    ids = sorted({k for c in chosen for k in c})
+    col = {k: n for n, k in enumerate(ids)}
+    member = np.zeros((len(keep), len(ids)), bool)
+    for r, b in enumerate(keep):
+        member[r, [col[k] for k in chosen[b]]] = True
+    return keep, member
+
+
+def same_vs_different_images(
+    desc, classes, rule: str = "dominant", measure: str = "cosine", max_pairs: int = 20000, rng=0
+):
+    """Scores of image pairs split into same-class and different-class (thesis Fig 8 at image level).
+
+    ``desc [N, D]``: one descriptor per image (:func:`image_descriptor`); ``classes``: per image ``{class
+    id: area}`` and ``rule`` as in :func:`image_class_sets`. All unordered pairs of the images that take
+    part, or ``max_pairs`` of them drawn uniformly without replacement (seeded), as
+    :func:`same_vs_different`; with ``rule="dominant"`` the result equals :func:`same_vs_different` on the
+    dominant labels of those images. Returns numpy ``(same, different)``."""
+    d = _t(desc)
+    if d.dim() != 2 or len(d) != len(classes):
+        raise ValueError(f"desc must be [N, D] with N = len(classes) = {len(classes)}, got {tuple(d.shape)}")
+    keep, member = image_class_sets(classes, rule)
+    i, j = _sample_pairs(len(keep), max_pairs, rng)
+    s = paired(d[torch.as_tensor(keep[i])], d[torch.as_tensor(keep[j])], measure)
+    same = (member[i] & member[j]).any(1)
+    return s[same], s[~same]
+
+
+def image_separability_table(
+    desc_by_key: dict,
+    classes,
+    rule: str = "dominant",
+    measures=("cosine", "dot", "euclidean", "manhattan", "pearson"),
+    max_pairs: int = 20000,
+    rng=0,
+    bins: int = 100,
+):
+    """:func:`separability_table` for images: ``{(facet, layer): [N, D]}`` image descriptors, pairs split
+    by :func:`same_vs_different_images` (``classes``, ``rule``; the same seeded pairs for every key)."""
+    image_class_sets(classes, rule)  # a bad rule or area fails before any scoring
+
+    def split(d, m):
+        return same_vs_different_images(d, classes, rule, m, max_pairs, rng)
+
+    return _table(desc_by_key, split, measures, bins)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -424,7 +511,7 @@ def patch_pairs(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Patch affinity (thesis Fig 26) and MMC (a): prompt-patch segmentation
+# Patch affinity (thesis Fig 26)
 
 
 def _grid(feats) -> torch.Tensor:
@@ -439,107 +526,6 @@ def patch_affinity(feats, measure: str = "cosine", dtype=torch.float32) -> torch
     row-major order (index ``y * w + x``)."""
     f = _grid(feats)
     return pairwise(f.reshape(-1, f.shape[-1]), None, measure, dtype=dtype)
-
-
-def similarity_map(feats, query) -> torch.Tensor:
-    """Cosine similarity ``[h, w]`` of every patch of ``feats [h, w, D]`` to a query: a patch index
-    ``(y, x)`` (tuple or list of two ints) or a vector ``[D]`` (tensor or array)."""
-    f = _grid(feats)
-    h, w, D = f.shape
-    if isinstance(query, (tuple, list)) and len(query) == 2 and all(np.ndim(v) == 0 for v in query):
-        y, x = int(query[0]), int(query[1])
-        if not (0 <= y < h and 0 <= x < w):
-            raise ValueError(f"query patch {(y, x)} is outside the {h}x{w} grid")
-        q = f[y, x]
-    else:
-        q = _t(query).to(f.device)
-        if q.shape != (D,):
-            raise ValueError(f"query must be a (y, x) patch or a [{D}] vector, got shape {tuple(q.shape)}")
-    return _cos_rows(f, q.expand_as(f))
-
-
-def prompt_patch_segment(feats, yx, t: float) -> torch.Tensor:
-    """MMC zero-shot segmentation from one prompting patch: bool ``[h, w]``, ``cos(f[y, x], patch) > t``
-    (strict; the prompt patch itself is always in the mask)."""
-    return similarity_map(feats, tuple(int(v) for v in yx)) > t
-
-
-def sample_prompt_points(mask, mode: str = "center", rng=0) -> tuple[int, int]:
-    """The prompting patch ``(y, x)`` of a bool mask ``[h, w]`` on the patch grid.
-
-    ``center``: the patch deepest inside the mask, i.e. the argmax of the Euclidean distance transform
-    of the mask with everything outside the grid counted as background (ties: lowest row-major index);
-    deterministic. ``random``: a uniformly drawn patch of the mask (``rng``: seed or Generator).
-    ValueError on an empty mask. MMC does not state its prompt rule; ``center`` is ours."""
-    from scipy import ndimage
-
-    m = _np(mask).astype(bool)
-    if m.ndim != 2:
-        raise ValueError(f"mask must be [h, w], got shape {m.shape}")
-    if not m.any():
-        raise ValueError("cannot pick a prompt point in an empty mask")
-    if mode == "center":
-        d = ndimage.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
-        y, x = np.unravel_index(int(np.argmax(d)), m.shape)
-    elif mode == "random":
-        ys, xs = np.nonzero(m)
-        k = np.random.default_rng(rng).integers(len(ys))
-        y, x = ys[k], xs[k]
-    else:
-        raise ValueError(f"mode must be 'center' or 'random', got {mode!r}")
-    return int(y), int(x)
-
-
-def threshold_sweep_miou(feats_list, masks_list, ts=(0.1, 0.2, 0.3, 0.4), mode: str = "center", rng=0):
-    """MMC Table 1 protocol (prompt-patch zero-shot segmentation with a threshold sweep).
-
-    ``feats_list``: per image a grid ``[h, w, D]`` (or a ``[B, h, w, D]`` batch); ``masks_list``: per image
-    bool ``[K, h, w]``, one mask per ground-truth object (or class region) on the same patch grid (see
-    :func:`masks_on_grid`). For each non-empty mask: the prompt patch is picked by
-    :func:`sample_prompt_points` (``mode="center"``: the patch deepest inside the mask — MMC omits its
-    rule, this is ours; ``"random"``: one seeded generator for the whole sweep), the mask ``cos > t`` is
-    computed for each ``t`` and scored by IoU against the object mask.
-
-    Returns a DataFrame with one row per object (columns image, object, y, x and one column per ``t``);
-    ``df.attrs["thresholds"]`` holds ``ts``. :func:`sweep_summary` turns it into ``{t: mIoU, "opt": best}``
-    where mIoU is the mean over all objects and "opt" the mIoU of the best single threshold, as in MMC."""
-    import pandas as pd
-
-    ts = list(ts)
-    g = np.random.default_rng(rng)
-    feats_list, masks_list = list(feats_list), list(masks_list)
-    if len(feats_list) != len(masks_list):
-        raise ValueError(f"got {len(feats_list)} feature grids but {len(masks_list)} mask stacks")
-    rows = []
-    for b, (f, masks) in enumerate(zip(feats_list, masks_list)):
-        f = _grid(f)
-        masks = _np(masks).astype(bool)
-        if masks.ndim == 2:
-            masks = masks[None]
-        if masks.shape[1:] != tuple(f.shape[:2]):
-            raise ValueError(
-                f"image {b}: masks {masks.shape} are not [K, h, w] on the {tuple(f.shape[:2])} feature grid"
-            )
-        for k, m in enumerate(masks):
-            if not m.any():
-                continue
-            y, x = sample_prompt_points(m, mode, g)
-            sim = similarity_map(f, (y, x)).cpu().numpy()
-            rows.append({"image": b, "object": k, "y": y, "x": x, **{t: mask_iou(sim > t, m) for t in ts}})
-    df = pd.DataFrame(rows, columns=["image", "object", "y", "x", *ts])
-    df.attrs["thresholds"] = ts
-    return df
-
-
-def sweep_summary(df, ts=None) -> dict:
-    """``{t: mIoU over objects}`` plus ``"opt"`` (the best threshold's mIoU) from
-    :func:`threshold_sweep_miou`'s table."""
-    if ts is None:
-        ts = df.attrs.get("thresholds") or [c for c in df.columns if c not in ("image", "object", "y", "x")]
-    out = {t: float(df[t].mean()) if len(df) else float("nan") for t in ts}
-    vals = [v for v in out.values() if not np.isnan(v)]
-    out["opt"] = max(vals) if vals else float("nan")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------

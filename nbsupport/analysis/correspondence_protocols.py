@@ -5,7 +5,9 @@
 :func:`~nbsupport.data.instances.instance_dataset`), :func:`prototype_queries` loads them with their label
 maps and the shared class's name from the dataset,
 :func:`match_queries` matches the prototype against each query (:func:`~nbsupport.analysis.correspondences.match`),
-:func:`k_table` counts relaxed best buddies and their same-class precision for every ``k``,
+:func:`fig2_correspondences` gives thesis Fig 2 (relaxed best buddies on the salient foreground) and its
+comparison (plain best buddies as dino-vit-features finds them), :func:`k_table` counts relaxed best
+buddies and their same-class precision for every ``k`` (:func:`k_tables`: for each foreground rule),
 :func:`shifted_copy_control` checks the machinery on a case whose answer is known exactly, and
 :func:`round_trip` is the explorer's patch -> nearest patch -> back computation.
 """
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from nbsupport.analysis.correspondences import (
+    FOREGROUND_MODES,
     Correspondences,
     ImageDescriptors,
     chance_precision,
@@ -120,6 +123,32 @@ def match_queries(
     ]
 
 
+def fig2_correspondences(
+    desc,
+    orig_hws,
+    size,
+    stride: int,
+    patch: int,
+    n_pairs: int = 10,
+    thresh: float = 0.05,
+    k: int = 3,
+    seed: int = 0,
+    foreground: str = "restrict",
+) -> dict:
+    """Thesis Fig 2 and its comparison, the prototype ``desc[0]`` against every query:
+    ``{"relaxed": [...], "plain": [...]}``, one :class:`Correspondences` per query each.
+
+    ``"relaxed"``: relaxed best buddies at ``k`` with ``foreground`` (default ``"restrict"``, as thesis 2.3
+    describes it: the algorithm runs on the descriptors of the salient foreground only, saliency >
+    ``thresh`` in each image, so background patches never compete); ``"plain"``: plain best buddies
+    (``k = 1``) as dino-vit-features finds them (among all patches, then pairs with a non-salient end
+    dropped). Both keep ``n_pairs`` pairs by k-means (``seed``); ``all_pairs`` holds every pair."""
+    return {
+        "relaxed": match_queries(desc, orig_hws, size, stride, patch, n_pairs, thresh, k, seed, foreground),
+        "plain": match_queries(desc, orig_hws, size, stride, patch, n_pairs, thresh, 1, seed, "filter"),
+    }
+
+
 # ----------------------------------------------------------------------------------------------------
 # Relaxed best buddies against k (thesis 4.2)
 
@@ -161,6 +190,24 @@ def k_table(relaxed: list[Correspondences], ks, labels=None):
     for col in counts.columns[4:]:
         pooled[col] = (counts[col].fillna(0) * w).groupby(counts["k"]).sum() / w.groupby(counts["k"]).sum()
     return counts, pooled
+
+
+def k_tables(desc, orig_hws, size, stride: int, patch: int, ks, thresh: float = 0.05, labels=None, modes=None):
+    """:func:`k_table` for each foreground rule (``modes``, default both: ``"filter"``, ``"restrict"``):
+    ``(relaxed, counts, pooled)`` with ``relaxed = {mode: [Correspondences per query at k = max(ks)]}``,
+    ``counts`` the per-query tables stacked with a first column ``foreground``, ``pooled`` indexed by
+    ``(foreground, k)``."""
+    import pandas as pd
+
+    modes = list(FOREGROUND_MODES if modes is None else modes)
+    k_max = max(ks)
+    relaxed, counts, pooled = {}, [], []
+    for mode in modes:
+        relaxed[mode] = match_queries(desc, orig_hws, size, stride, patch, 0, thresh, k_max, foreground=mode)
+        c, p = k_table(relaxed[mode], ks, labels)
+        counts.append(c.assign(foreground=mode)[["foreground", *c.columns]])
+        pooled.append(p.assign(foreground=mode).set_index("foreground", append=True).reorder_levels([1, 0]))
+    return relaxed, pd.concat(counts, ignore_index=True), pd.concat(pooled)
 
 
 # ----------------------------------------------------------------------------------------------------

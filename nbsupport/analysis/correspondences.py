@@ -373,10 +373,12 @@ def find_correspondences(
     :func:`descriptors`); ``n_pairs`` pairs chosen by :func:`select_diverse` (``seed``).
 
     ``foreground="filter"`` (reference): best buddies among all patches, then pairs with a non-salient
-    end are dropped. ``"restrict"`` (the thesis's wording): best buddies computed among the salient
-    patches only, which finds more pairs since background patches no longer compete. (The reference's
-    own B-side test is looser: it keeps ``i`` when *some* salient B patch has ``i`` as its nearest
-    neighbour; here both ends of the pair must be salient.)
+    end are dropped. ``"restrict"`` (thesis 2.3 / Fig 2: the relaxed best buddies of the foreground
+    descriptors, the foreground being the saliency map thresholded): the salient patches of each image
+    are selected first and the mutual top-``k`` runs on them alone, so a salient patch whose nearest
+    neighbour is a background patch can still find a salient partner (more pairs, none on background).
+    (The reference's own B-side test is looser: it keeps ``i`` when *some* salient B patch has ``i`` as
+    its nearest neighbour; here both ends of the pair must be salient.)
     """
     from nbsupport.data.images import image_to_tensor
 
