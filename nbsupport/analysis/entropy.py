@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nbsupport.models.groupvit.inference import TEMPLATES, text_embeddings
+from nbsupport.models.groupvit.inference import TEMPLATES, segment_logits, text_embeddings
 from nbsupport.models.groupvit.model import GroupViT
 
 
@@ -59,6 +59,24 @@ def pixel_label_entropy(l_affinity: torch.Tensor) -> torch.Tensor:
     """Eq 38: entropy of each pixel over the labels of ``L_affinity`` ``[..., N]`` (rows normalised first)."""
     p = l_affinity / l_affinity.sum(-1, keepdim=True).clamp_min(1e-12)
     return entropy(p, dim=-1)
+
+
+@torch.no_grad()
+def inference_label_entropy(
+    model: GroupViT, images: torch.Tensor, class_names, topk: int = 5, templates=TEMPLATES["simple"]
+) -> torch.Tensor:
+    """Thesis Fig 13c at inference: GroupViT's ``L_affinity`` of Eq 34 (one-hot Attn times Â_ST with the
+    top-``topk`` classes, no background threshold) per pixel of ``images [B, 3, H, W]``, then its entropy over
+    the labels (Eq 38, :func:`pixel_label_entropy`): ``[B, H, W]`` in nats, at most ``log min(topk, N)``."""
+    was = model.training
+    model.eval()
+    try:
+        dev = next(model.parameters()).device
+        te = text_embeddings(model, class_names, templates)
+        la = segment_logits(model, images.to(dev), te, topk=topk, bg_thresh=None)  # [B, N, H, W]
+    finally:
+        model.train(was)
+    return pixel_label_entropy(la.movedim(1, -1)).cpu()
 
 
 def segment_affinity_entropy(a_st: torch.Tensor, w_groups: float = 0.2, w_labels: float = 0.1) -> torch.Tensor:
