@@ -6,9 +6,16 @@ forward/backward of the class-agnostic Mask R-CNN with DropLoss, gradient clippi
 exactly as :func:`nbsupport.training.cutler.train` does. The reference reports ~7 images/s per V100 (CutLER,
 detectron2, Cascade R50-FPN, 16 images/batch over 8 GPUs, multi-scale 240-1024 px).
 
+In the same run (so load and threads are shared) it times plain torchvision: ``MaskRCNN`` on
+``resnet_fpn_backbone`` of the same arch, the same sizes, RPN and sampling settings, two classes, no
+copy-paste, no DropLoss, no FPN norm, torchvision's RoIAlign, and prints each head's throughput as a ratio
+to it (goal: the plain head with copy-paste and DropLoss >= 0.9x; the cascade runs three box stages, so its
+ratio is the price of the headline model, not overhead).
+
     python benchmarks/cutler_throughput.py                         # CPU: resnet50, 256 px, batch 2
     python benchmarks/cutler_throughput.py --device cuda --size 800 --batch 8 --steps 30
     python benchmarks/cutler_throughput.py --arch resnet18 --size 128 --threads 1   # small CPU check
+    python benchmarks/cutler_throughput.py --heads mask_rcnn          # one head only
 """
 
 from __future__ import annotations
@@ -46,33 +53,100 @@ def main():
     ap.add_argument("--no-amp", action="store_true")
     ap.add_argument("--no-copy-paste", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", help="append the result as one JSON line to this file")
+    ap.add_argument("--heads", default="mask_rcnn,cascade", help="CutLER heads to time, comma-separated")
+    ap.add_argument("--json", help="append the results as JSON lines to this file")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     from nbsupport.training import cutler as C
 
-    torch.manual_seed(0)
     dev = torch.device(args.device)
-    model = (
-        C.build_model(args.arch, min_size=(args.size,), max_size=int(args.size * 1.667), min_size_test=args.size)
-        .to(dev)
-        .train()
-    )
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-5)
     amp = dev.type == "cuda" and not args.no_amp
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     data = [
         (im.to(dev), {k: v.to(dev) for k, v in t.items()}) for im, t in scenes(max(8, args.batch * 2), args.size, 0)
     ]
+    settings = dict(
+        rpn_pre_nms_top_n_train=2000,
+        rpn_post_nms_top_n_train=4000 if args.size >= 480 else 1000,
+        rpn_nms_thresh=0.65,
+        box_batch_size_per_image=512,
+    )
+    base = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "arch": args.arch,
+        "size": args.size,
+        "batch": args.batch,
+        "amp": amp,
+        "steps": args.steps,
+    }
+    torch.manual_seed(0)
+    plain = time_steps(plain_torchvision(args.arch, args.size, settings).to(dev), data, args, amp, augment=False)
+    print(json.dumps({**base, "model": "torchvision MaskRCNN (plain)", **plain}))
+    results = []
+    for head in args.heads.split(","):
+        torch.manual_seed(0)
+        model = C.build_model(
+            args.arch,
+            min_size=(args.size,),
+            max_size=int(args.size * 1.667),
+            min_size_test=args.size,
+            head=head,
+            **settings,
+        ).to(dev)
+        r = time_steps(model, data, args, amp, augment=True)
+        res = {**base, "model": f"cutler {head}", "copy_paste": not args.no_copy_paste, **r}
+        res["ratio_to_plain"] = r["images_per_s"] / plain["images_per_s"]
+        if dev.type == "cuda":
+            res["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        print(json.dumps(res))
+        results.append(res)
+    print("\nimages/s ratio to plain torchvision Mask R-CNN (same images, size, batch, settings):")
+    for r in results:
+        print(
+            f"  {r['model']:<20s} {r['images_per_s']:.3f} img/s vs {plain['images_per_s']:.3f}: {r['ratio_to_plain']:.2f}x"
+        )
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in [{**base, "model": "torchvision", **plain}, *results]:
+                f.write(json.dumps(r) + "\n")
+
+
+def plain_torchvision(arch: str, size: int, settings: dict):
+    """torchvision's own Mask R-CNN (no CutLER code), same backbone, sizes and RPN / sampling settings."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    name = "resnet50" if arch.startswith("resnet50") else arch
+    backbone = resnet_fpn_backbone(backbone_name=name, weights=None, trainable_layers=5)
+    return MaskRCNN(
+        backbone,
+        num_classes=2,
+        min_size=size,
+        max_size=int(size * 1.667),
+        rpn_pre_nms_top_n_train=settings["rpn_pre_nms_top_n_train"],
+        rpn_post_nms_top_n_train=settings["rpn_post_nms_top_n_train"],
+        rpn_nms_thresh=settings["rpn_nms_thresh"],
+        box_batch_size_per_image=settings["box_batch_size_per_image"],
+    )
+
+
+def time_steps(model, data, args, amp: bool, augment: bool) -> dict:
+    """Seconds per training step and images/s of ``model`` over ``data`` (``augment``: CutLER's flip and
+    copy-paste on the device, as its trainer; else the batch as it is, as plain torchvision trains)."""
+    from nbsupport.training import cutler as C
+
+    dev = data[0][0].device
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-5)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     gen = torch.Generator().manual_seed(0)
 
     def step(k):
         batch = [data[(k * args.batch + i) % len(data)] for i in range(args.batch)]
-        images, targets = C.augment_batch(
-            [b[0] for b in batch], [b[1] for b in batch], gen, flip=True, do_copy_paste=not args.no_copy_paste
-        )
+        images, targets = [b[0] for b in batch], [b[1] for b in batch]
+        if augment:
+            images, targets = C.augment_batch(images, targets, gen, flip=True, do_copy_paste=not args.no_copy_paste)
         with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
             loss = sum(model(images, targets).values())
         opt.zero_grad(set_to_none=True)
@@ -94,23 +168,7 @@ def main():
     if dev.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    res = {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
-        "arch": args.arch,
-        "size": args.size,
-        "batch": args.batch,
-        "amp": amp,
-        "copy_paste": not args.no_copy_paste,
-        "steps": args.steps,
-        "s_per_step": dt / args.steps,
-        "images_per_s": args.batch * args.steps / dt,
-    }
-    if dev.type == "cuda":
-        res["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
-    print(json.dumps(res))
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(res) + "\n")
+    return {"s_per_step": dt / args.steps, "images_per_s": args.batch * args.steps / dt}
 
 
 if __name__ == "__main__":
