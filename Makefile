@@ -38,8 +38,15 @@ fixture: $(STAMP)  ## every notebook on the paper code paths, offline: fixtures 
 paper: $(STAMP)  ## real weights and datasets (needs downloads and a GPU)
 	$(VPY) -m nbsupport run --profile paper $(ARGS)
 
-lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+# JupyterLab on a working copy: notebooks/*.ipynb are copied once into runs/lab/notebooks/ (git-ignored;
+# delete a copy to get the tracked version again), so autosave never writes outputs into tracked files.
+# --allow-root only when run as root.
+LAB_DIR := runs/lab/notebooks
+
+lab: $(STAMP)  ## JupyterLab on runs/lab/notebooks/ (working copies of notebooks/)
+	@mkdir -p $(LAB_DIR)
+	@for f in notebooks/*.ipynb; do test -e $(LAB_DIR)/$$(basename $$f) || cp $$f $(LAB_DIR)/; done
+	$(VENV)/bin/jupyter lab --notebook-dir=$(LAB_DIR) $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(ARGS)
 
 clean-runs:
 	rm -rf runs/

@@ -35,8 +35,13 @@ def setup_style() -> None:
 # ----------------------------------------------------------------------------------------------- saving
 def figure_dir() -> Path:
     """``<run folder>/figures/<notebook stem>``: the stem is ``$NBSUPPORT_NOTEBOOK`` (set by the runner),
-    else ``interactive``; the run folder is :func:`nbsupport.core.paths.run_dir`. Created if missing."""
-    d = paths.run_dir() / "figures" / (os.environ.get("NBSUPPORT_NOTEBOOK") or "interactive")
+    else that of ``$JPY_SESSION_NAME`` (the notebook JupyterLab runs), else ``interactive``, which is not
+    repeated inside the interactive run folder; the run folder is :func:`nbsupport.core.paths.run_dir`.
+    Created if missing."""
+    stem = os.environ.get("NBSUPPORT_NOTEBOOK") or Path(os.environ.get("JPY_SESSION_NAME") or "").stem
+    run = paths.run_dir()
+    stem = stem or ("" if run.name == "interactive" else "interactive")
+    d = run / "figures" / stem if stem else run / "figures"
     d.mkdir(parents=True, exist_ok=True)
     return d
 
