@@ -22,7 +22,7 @@ LARGE_DINO = ["dino_vitb16", "dino_vitb8"]
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """All ten releases written once (about 15 s here, 2.2 GB)."""
+    """All eleven releases written once (about 15 s here, 2.3 GB)."""
     root = tmp_path_factory.mktemp("weights")
     fx.write_official_weights(root)
     return root

@@ -79,6 +79,13 @@ OFFICIAL: dict[str, Official] = {
     "dino_vits8": Official(Arch(8, **VIT_S), "dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth", 86_728_949),
     "dino_vitb16": Official(Arch(16, **VIT_B), "dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth", None),
     "dino_vitb8": Official(Arch(8, **VIT_B), "dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth", None),
+    # the 300-epoch ViT-S/8 that STEGO and HP probe (their S/8 rows), beside the 800-epoch dino_vits8
+    "dino_vits8_300ep": Official(
+        Arch(8, **VIT_S),
+        "dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth",
+        None,
+        family="DINO (300 epochs)",
+    ),
 }
 
 
@@ -114,6 +121,19 @@ RANDOM: dict[str, tuple[Arch, int]] = {
 # Backbones the project trains itself and ships in data/weights/ (docs/experiments/tiny_dino.md).
 SHIPPED: dict[str, str] = {
     "tiny_dino_synth": "weights/tiny_dino_synth.safetensors",
+    "tiny_vit_synth_supervised": "weights/tiny_vit_synth_supervised.safetensors",
+}
+
+# What each shipped backbone is (the start of its description) and the command that retrains it.
+SHIPPED_INFO: dict[str, tuple[str, str]] = {
+    "tiny_dino_synth": (
+        "tiny DINO (synthetic world)",
+        "python -m nbsupport dino train --recipe tiny_dino_synth; docs/experiments/tiny_dino.md",
+    ),
+    "tiny_vit_synth_supervised": (
+        "supervised stand-in (synthetic world)",
+        "python -m nbsupport standin train --recipe tiny_vit_synth_supervised; docs/experiments/offline_models.md",
+    ),
 }
 
 
@@ -348,7 +368,8 @@ def save_safetensors(model: nn.Module, path: str | Path, **metadata: str) -> Pat
 def load(name_or_path: str | Path, device: str | torch.device = "cpu", download: bool = True) -> nn.Module:
     """A ViT backbone in eval mode: a registered name (see :func:`available`) or a checkpoint path.
 
-    - ``dino_vits16``, ``dino_vits8``, ``dino_vitb16``, ``dino_vitb8``: official DINO weights, downloaded
+    - ``dino_vits16``, ``dino_vits8``, ``dino_vitb16``, ``dino_vitb8`` (and ``dino_vits8_300ep``, the
+      300-epoch ViT-S/8 of STEGO and HP): official DINO weights, downloaded
       once into ``$NBSUPPORT_CACHE/dino`` (default ``~/.cache/nbsupport``), size/hash checked; a random-weight
       fixture there (:mod:`nbsupport.models.fixtures`) loads too, with ``nbs_info["fixture"]`` True,
       ``"pretrained"`` False and "(random weights, fixture)" in the description.
@@ -357,6 +378,8 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", download:
       (see :func:`nbsupport.models.features.snap_size`).
     - ``random_vits8``, ``random_vits16``, ``random_vitb8``, ``random_tiny8``: seeded random init, offline.
     - ``tiny_dino_synth``: the small DINO trained on the synthetic world, shipped in ``data/weights``.
+    - ``tiny_vit_synth_supervised``: the same family trained with the synthetic world's labels (a supervised
+      stand-in, ``nbsupport.training.standins``), shipped in ``data/weights``.
     - a path to an official ``.pth`` or a ``.safetensors`` file: architecture inferred from the shapes.
     """
     name = str(name_or_path)
@@ -378,13 +401,14 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", download:
         return _attach(model, name, arch, not fixture, desc, device, fixture=fixture)
     if name in SHIPPED:
         path = paths.data_dir() / SHIPPED[name]
+        label, retrain = SHIPPED_INFO[name]
         if not path.is_file():
             raise WeightsUnavailableError(
-                f"{name!r} is the tiny DINO trained on the synthetic world, shipped in the repository as "
+                f"{name!r} is the {label}, shipped in the repository as "
                 f"{path}, and that file is missing: restore it (git checkout -- data/weights) or retrain it "
-                f"(python -m nbsupport dino train --recipe tiny_dino_synth; docs/experiments/tiny_dino.md). Use 'random_vits8' offline or an official DINO name meanwhile."
+                f"({retrain}). Use 'random_vits8' offline or an official DINO name meanwhile."
             )
-        return _load_path(path, device, name=name, label="tiny DINO (synthetic world)")
+        return _load_path(path, device, name=name, label=label)
     p = Path(name).expanduser()
     if p.suffix in (".pth", ".pt", ".safetensors") or p.exists():
         return _load_path(p, device)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FACETS = ("key", "query", "value", "token", "attn")
+FACETS = ("key", "query", "value", "token", "norm_token", "attn")
 
 
 def patch_size(model: nn.Module) -> int:
@@ -165,9 +165,10 @@ def extract_many(
     Returns ``{(facet, layer): [B, h, w, D]}`` with the layer keys as given; with ``include_cls`` each
     value is ``(grid [B, h, w, D], cls [B, D])``. The grids hold the patches only (CLS and register tokens
     dropped; registers are returned by no facet). ``key``/``query``/``value`` concatenate the heads
-    (head-major, ``D = embed_dim``), ``token`` is the block output, ``attn`` gives each patch's
-    attention row over all ``T = P + h*w`` tokens per head (prefix columns first, so rows sum to 1),
-    ``D = heads * T`` (CLS row: see :func:`attention`).
+    (head-major, ``D = embed_dim``), ``token`` is the block output, ``norm_token`` the block output after
+    the model's final LayerNorm (at the last block: the features HP, STEGO and Leopart probe), ``attn``
+    gives each patch's attention row over all ``T = P + h*w`` tokens per head (prefix columns first, so
+    rows sum to 1), ``D = heads * T`` (CLS row: see :func:`attention`).
     """
     requests = list(requests)
     if not requests:
@@ -191,6 +192,8 @@ def extract_many(
                 for facet, layer in wanted[i]:
                     if facet == "token":
                         full = x_out
+                    elif facet == "norm_token":  # the model's final LayerNorm on this block's output
+                        full = model.norm(x_out)
                     elif facet == "attn":
                         probs = _attn_probs(block, qkv[0], qkv[1])  # [B, heads, T, T]
                         full = probs.permute(0, 2, 1, 3).reshape(b, probs.shape[2], -1)

@@ -66,7 +66,7 @@ from nbsupport.models.groupvit.weights import weights_path
 
 #: Bumped whenever the bytes written for a (name, seed) change; a cached file of another format is rewritten.
 FORMAT = 1
-DINO_NAMES = ("dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8")
+DINO_NAMES = ("dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8", "dino_vits8_300ep")
 DINOV2_NAMES = ("dinov2_vits14", "dinov2_vits14_reg", "dinov2_vitb14", "dinov2_vitb14_reg")
 GROUPVIT_NAMES = ("group_vit_gcc_yfcc_30e", "group_vit_gcc_redcap_30e")
 NAMES = DINO_NAMES + DINOV2_NAMES + GROUPVIT_NAMES

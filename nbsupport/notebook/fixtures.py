@@ -25,7 +25,7 @@ from nbsupport.core.io import atomic_write_json
 from nbsupport.data.datasets import ade20k, cityscapes, coco_object, cocostuff, davis, imagenet, potsdam, voc
 
 #: Bump when a fixture's content or layout changes: an older folder is then rebuilt.
-FIXTURE_VERSION = 2
+FIXTURE_VERSION = 3
 INDEX = "fixtures.json"
 
 #: (key, writer): each writes its official tree under the base folder and returns what it planted.
