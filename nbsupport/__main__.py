@@ -18,6 +18,8 @@ CLI_MODULES = (
     "training.cutler.cli",
     "training.dino.cli",
     "training.groupvit.cli",
+    "training.groupvit.sweep_cli",
+    "training.standins.cli",
 )
 
 

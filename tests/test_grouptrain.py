@@ -1,5 +1,6 @@
 """GroupViT training losses and loop (nbsupport.training.groupvit; thesis Eq 21-26, 36-44, 52)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -156,8 +157,10 @@ def test_dino_distillation_hand_case():
     sim = torch.tensor([[[1.0, 0.8, -0.2], [0.8, 1.0, 0.0], [-0.2, 0.0, 1.0]]])
     t = sim[0].softmax(-1)
     want = -(t * student.log()).sum()
-    assert gt.dino_distillation_loss(attn, sim, reduction="sum").item() == pytest.approx(want.item(), rel=1e-6)
-    assert gt.dino_distillation_loss(attn, sim).item() == pytest.approx(want.item() / 3, rel=1e-6)
+    # Eq 52 as written (the default): summed over the 3 x 3 pairs; "mean" divides by N = 3
+    assert gt.dino_distillation_loss(attn, sim).item() == pytest.approx(want.item(), rel=1e-6)
+    assert gt.dino_distillation_loss(attn, sim, reduction="mean").item() == pytest.approx(want.item() / 3, rel=1e-6)
+    assert gt.TrainConfig().dino_reduction == "sum"
     # a grouping that agrees with DINO scores lower than one that disagrees
     good = torch.tensor([[[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
     bad = torch.tensor([[[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]])
@@ -177,16 +180,16 @@ def test_dino_distillation_collapse_and_row_normalised_variant():
     assert gt.dino_distillation_loss(one_group, sim).item() == pytest.approx(0.0, abs=1e-6)
     assert gt.dino_distillation_loss(good, sim) > gt.dino_distillation_loss(one_group, sim)
     # row-normalised: the collapse scores log N (uniform rows), the grouping that follows DINO scores lower
-    assert gt.dino_distillation_loss(one_group, sim, row_normalize=True).item() == pytest.approx(math.log(3), rel=1e-6)
+    rn = dict(row_normalize=True, reduction="mean")
+    assert gt.dino_distillation_loss(one_group, sim, **rn).item() == pytest.approx(math.log(3), rel=1e-6)
     soft = torch.tensor([[[0.9, 0.9, 0.1], [0.1, 0.1, 0.9]]])  # mostly patches 0, 1 vs patch 2
-    assert gt.dino_distillation_loss(soft, sim, row_normalize=True) < gt.dino_distillation_loss(
-        one_group, sim, row_normalize=True
-    )
+    assert gt.dino_distillation_loss(soft, sim, **rn) < gt.dino_distillation_loss(one_group, sim, **rn)
     # hand case: S = A^T A, rows divided by their sums, CE averaged over rows
     S = soft[0].T @ soft[0]
     want = -(sim[0].softmax(-1) * (S / S.sum(-1, keepdim=True)).log()).sum() / 3
-    got = gt.dino_distillation_loss(soft, sim, row_normalize=True)
+    got = gt.dino_distillation_loss(soft, sim, **rn)
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert gt.dino_distillation_loss(soft, sim, row_normalize=True).item() == pytest.approx(3 * want.item(), rel=1e-6)
     # centring: a shared component hides the structure from raw cosines, not from centred ones
     base = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]])
     f = base * 0.1 + torch.tensor([10.0, 10.0])
@@ -292,7 +295,8 @@ def test_train_checkpoint_resume_metrics(tmp_path):
     # exported weights load through groupvit.load
     m = gv.load(str(out / "final.safetensors"))
     sd = res["model"].state_dict()
-    assert m.cfg == gv.CONFIGS["small"]
+    # trained at 32 px: the 8 x 8 position embedding of "small" was resized once to 4 x 4 (thesis 5.9)
+    assert m.cfg == dataclasses.replace(gv.CONFIGS["small"], img_size=32) and w1.shape == (1, 16, 96)
     assert torch.equal(m.state_dict()["logit_scale"], st2["model"]["logit_scale"]) and len(sd) == len(m.state_dict())
     assert not (out / "last.pt.tmp").exists()
 

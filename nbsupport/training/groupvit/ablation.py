@@ -80,8 +80,8 @@ class Validation:
     - a real dataset: GroupViT's evaluation protocol on the dataset's class names in GroupViT's evaluation
       prompt (``"a photo of a {}."``), every image at its original resolution
       (:func:`~nbsupport.analysis.zero_shot.protocol_miou`: ``short_side``, sliding ``window`` / ``stride``,
-      background threshold ``bg_thresh``), run after each fine-tuning run (the trainer's per-epoch
-      validation knows only the synthetic world)."""
+      background threshold ``bg_thresh``), after every epoch of a fine-tuning run (the trainer's
+      ``validate=``)."""
 
     data: SegmentationSet
     bg_thresh: float | None = None
@@ -147,13 +147,16 @@ def validation(
 # ============================================================================================== runs
 def finetune(base: GroupViT, cfg: TrainConfig, progress=None, validate: Validation | None = None) -> dict:
     """Fine-tune a copy of ``base`` (left untouched) with ``cfg``, the global RNG seeded with ``cfg.seed``
-    first so every run starts alike; returns :func:`~nbsupport.training.groupvit.loop.train`'s result. When
-    the trainer did not validate (``cfg.val_images`` 0) and ``validate`` is given, the fine-tuned model is
-    scored by it after the run: ``result["val"]`` (``{"type": "val", "epoch", "step", "miou", "iou",
-    "data"}``), also appended to ``result["history"]``."""
+    first so every run starts alike; returns :func:`~nbsupport.training.groupvit.loop.train`'s result. A real
+    dataset's ``validate`` scores the model after every epoch (the trainer's ``validate=``: the Fig 27
+    curves on the real data); the synthetic one is the trainer's own validation (``cfg.val_images``, the same
+    scenes). Should the trainer not have validated, ``validate`` scores the fine-tuned model after the run.
+    ``result["val"]``: the last record ``{"type": "val", "epoch", "step", "miou", "iou", ("data")}``, also the
+    last of ``result["history"]``."""
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    res = train(cfg, model=copy.deepcopy(base), progress=progress)
+    per_epoch = None if validate is None or validate.synthetic else validate
+    res = train(cfg, model=copy.deepcopy(base), progress=progress, validate=per_epoch)
     if res["val"] is None and validate is not None:
         r = validate(res["model"])
         steps = [h["step"] for h in res["history"] if "step" in h]

@@ -11,7 +11,8 @@ from nbsupport.models import groupvit as gv
 def components(model: gv.GroupViT) -> dict[str, list[str]]:
     """Trainable component name -> module prefixes (thesis Table 5): ``grouping_blocks`` (all),
     ``grouping_block1`` / ``grouping_block2`` ..., ``img_projector``, ``text_projector``, ``projectors``
-    (both), ``img_encoder``, ``text_encoder``, ``logit_scale`` (both temperatures), ``all``."""
+    (both), ``img_encoder``, ``text_encoder``, ``logit_scale`` (both temperatures), ``pos_embed`` (the image
+    position embedding: the resized one of high-resolution fine-tuning, thesis 5.9), ``all``."""
     n = sum(1 for st in model.img_encoder.layers if st.downsample is not None)
     gbs = [f"img_encoder.layers.{i}.downsample." for i in range(n)]
     out = {
@@ -22,6 +23,7 @@ def components(model: gv.GroupViT) -> dict[str, list[str]]:
         "img_encoder": ["img_encoder."],
         "text_encoder": ["text_encoder."],
         "logit_scale": ["logit_scale", "multi_label_logit_scale"],
+        "pos_embed": ["img_encoder.pos_embed"],
         "all": [""],
     }
     out.update({f"grouping_block{i + 1}": [p] for i, p in enumerate(gbs)})

@@ -1,5 +1,6 @@
 """The GroupViT training loop: labels from captions, every loss of the run, AdamW with warm-up and cosine,
-AMP, torchrun DDP with all-gathered embeddings, atomic checkpoints and resume, per-epoch validation.
+AMP, torchrun DDP with all-gathered embeddings, atomic checkpoints and resume, per-epoch validation (the
+synthetic world, real benchmarks by ``val_datasets``, or any ``validate=`` callable).
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -32,7 +34,9 @@ from nbsupport.training.common import (
     seed_everything,
     warmup_cosine_lr,
 )
-from nbsupport.training.groupvit.components import init_image_encoder, init_like, set_trainable
+from nbsupport.training.groupvit.architecture import prepare_model
+from nbsupport.training.groupvit.augment import augment_batch, step_generator
+from nbsupport.training.groupvit.components import init_like, set_trainable
 from nbsupport.training.groupvit.config import TrainConfig
 from nbsupport.training.groupvit.losses import (
     affinity_logits,
@@ -46,8 +50,28 @@ from nbsupport.training.groupvit.losses import (
     multi_label_contrastive,
     se_loss,
 )
+from nbsupport.training.groupvit.validation import val_record, validation_from_config
 
 log = logging.getLogger(__name__)
+
+
+def lr_at(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """The learning rate of ``step`` (thesis 5.3): linear warm-up from ``warmup_lr`` over ``warmup_epochs``,
+    then cosine annealing to ``min_lr`` in ``cycles`` cycles. ``decay_epochs`` 0: the cycles share the
+    epochs after the warm-up (:func:`~nbsupport.training.common.warmup_cosine_lr`); > 0: each cycle lasts
+    ``decay_epochs``, counted from step 0 as GroupViT's timm ``CosineLRScheduler(t_initial, cycle_limit,
+    warmup_t)`` counts (the warm-up is the start of the first cycle), and ``min_lr`` after the last."""
+    total = cfg.epochs * steps_per_epoch
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if not cfg.decay_epochs:
+        return warmup_cosine_lr(step, total, warm, cfg.lr, cfg.min_lr, cfg.warmup_lr, cfg.cycles)
+    if step < warm:
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / max(1, warm)
+    period = max(1, int(round(cfg.decay_epochs * steps_per_epoch)))
+    cycle, t = divmod(step, period)
+    if cycle >= cfg.cycles:
+        return cfg.min_lr
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t / period))
 
 
 class LabelSampler:
@@ -86,6 +110,7 @@ def compute_losses(
     cap = core.encode_text(tok(captions, context_length=L).to(dev))
     img_all, cap_all = all_gather(out.image_embeds), all_gather(cap)
     losses = {"itc": image_text_contrastive(img_all, cap_all, core.scale)}
+
     lab = pad = None
     if labels is not None and cfg.num_labels > 0:
         b, k = len(labels), cfg.num_labels
@@ -98,21 +123,21 @@ def compute_losses(
             lab = lab.index_put((torch.nonzero(~pad.reshape(-1))[:, 0],), z.to(lab.dtype))
         lab = lab.reshape(b, k, -1)
         ml_scale = core.multi_label_logit_scale.exp().clamp(max=100)
-        strings = [x for part in all_gather_objects([l.raw for l in labels]) for x in part] if cfg.non_noisy else None
+        pool, strings = label_pool(cfg, [l.raw for l in labels])
         if cfg.w_multi_label:
             losses["mlc"] = cfg.w_multi_label * multi_label_contrastive(
-                img_all, all_gather(lab), ml_scale, all_gather(pad), strings
+                pool(out.image_embeds), pool(lab), ml_scale, pool(pad), strings
             )
         if cfg.w_group_label:
             losses["glc"] = cfg.w_group_label * group_label_contrastive(
-                all_gather(out.group_embeds), all_gather(lab), ml_scale, all_gather(pad), strings
+                pool(out.group_embeds), pool(lab), ml_scale, pool(pad), strings
             )
     if cfg.w_ge:
         losses["ge"] = cfg.w_ge * ge_loss(out.attn)
     if cfg.w_balance:
         losses["balance"] = cfg.w_balance * group_balance_loss(out.soft)
     if (cfg.w_le or cfg.w_se) and lab is not None:
-        a_st = affinity_logits(out.group_embeds, lab, core.scale)
+        a_st = affinity_logits(out.group_embeds, lab, core.scale if cfg.a_st_scale == "logit_scale" else 1.0)
         if cfg.w_le:
             losses["le"] = cfg.w_le * le_loss(out.attn, a_st, pad)
         if cfg.w_se:
@@ -121,16 +146,31 @@ def compute_losses(
         from nbsupport.models import features
 
         with torch.no_grad():
-            f = features.extract(dino["model"], images, "key", dino["layer"])  # [B, h, w, D]
+            f = features.extract(dino["model"], images, cfg.dino_facet, dino["layer"])  # [B, h, w, D]
             if tuple(f.shape[1:3]) != tuple(out.grid):
                 f = F.interpolate(f.permute(0, 3, 1, 2), size=out.grid, mode="bilinear", align_corners=False).permute(
                     0, 2, 3, 1
                 )
             rownorm = cfg.dino_variant == "rownorm"
             sim = dino_similarity(f, center=rownorm)
-        losses["dino"] = cfg.w_dino * dino_distillation_loss(out.attn, sim, cfg.dino_temperature, row_normalize=rownorm)
+        losses["dino"] = cfg.w_dino * dino_distillation_loss(
+            out.attn, sim, cfg.dino_temperature, cfg.dino_reduction, row_normalize=rownorm
+        )
     losses["loss"] = sum(losses.values())
     return losses
+
+
+def label_pool(cfg: TrainConfig, raw: list) -> tuple:
+    """The batch the multi-label losses compare against: ``(pool, strings)`` with ``pool`` applied to each
+    tensor (``all_gather``: the global batch, as GroupViT; identity: this process's mini-batch) and the label
+    strings of the non-noisy loss (None without ``cfg.non_noisy``). Thesis 5.10 compares the strings within
+    each process's mini-batch, so that no strings or embeddings cross processes (``non_noisy_pool: local``);
+    ``global`` gathers both."""
+    if not cfg.non_noisy:
+        return all_gather, None
+    if cfg.non_noisy_pool == "local":
+        return (lambda x: x), list(raw)
+    return all_gather, [x for part in all_gather_objects(list(raw)) for x in part]
 
 
 class _LossModule(torch.nn.Module):
@@ -159,11 +199,18 @@ def export_safetensors(model, path, description: str = "") -> Path:
     return path
 
 
-def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None) -> dict:
+def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None, validate=None) -> dict:
     """Train / fine-tune a GroupViT (see the module docstring); returns ``{"model", "out_dir", "history",
     "val"}``. Under ``torchrun`` each process trains on its shard; rank 0 writes ``out_dir``: ``last.pt``
     (atomic, resumed when ``cfg.resume``), ``metrics.jsonl`` (cut back to the checkpoint on resume),
-    ``config.yaml``, ``final.safetensors``."""
+    ``config.yaml``, ``final.safetensors``.
+
+    ``model``: the starting weights (default ``groupvit.load(cfg.model)``), prepared by
+    :func:`~nbsupport.training.groupvit.architecture.prepare_model`. Rank 0 validates after every
+    ``cfg.val_every``-th epoch and after the last: ``validate(model) -> {"miou", ...}`` when given (its
+    ``name``, if any, is recorded as ``"data"``), else what ``cfg`` names
+    (:func:`~nbsupport.training.groupvit.validation.validation_from_config`: ``val_datasets`` by GroupViT's
+    protocol, or ``val_images`` synthetic scenes)."""
     cfg.validate()
     t0 = time.time()
     if cfg.threads > 0:
@@ -218,13 +265,7 @@ def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None) -> 
     # model, optimiser
     ckpt = out_dir / "last.pt"
     resuming = cfg.resume and ckpt.is_file()
-    model = model if model is not None else gv.load(cfg.model, seed=cfg.seed)
-    if cfg.init_image and not resuming:  # a resumed run has its own weights
-        from nbsupport.models import backbones
-
-        copied = init_image_encoder(model, backbones.load(cfg.init_image))
-        if main:
-            log.info("groupvit-train: image encoder initialised from %s (%d tensors)", cfg.init_image, len(copied))
+    model = prepare_model(cfg, model, resuming)  # a resumed run loads its own weights below
     model = model.to(dev).train()
     trainable = set_trainable(model, cfg.trainable)
     decay = [
@@ -252,7 +293,6 @@ def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None) -> 
         dino = {"model": backbones.load(cfg.dino_backbone, device=dev), "layer": cfg.dino_layer}
     steps_per_epoch, step, start_epoch = len(loader), 0, 0
     total = cfg.epochs * steps_per_epoch
-    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
     metrics = MetricsLog(out_dir, enabled=main)
     if resuming:
         st = load_checkpoint(ckpt)
@@ -269,8 +309,9 @@ def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None) -> 
         metrics.start(resume_keep=None)
     # the forward must go through DDP for its gradient all-reduce
     net = distributed.wrap_ddp(_LossModule(model, cfg, dino), ctx, find_unused_parameters=True)
-    val_data = synthetic_scenes(cfg.val_images, cfg.seed, cfg.val_size) if (main and cfg.val_images) else None
-    names, bgs = synthetic_class_names(cfg.val_class_names)
+    if validate is None and main:
+        validate = validation_from_config(cfg)
+    val_name = getattr(validate, "name", "") or ""
     history, val = [], None
     stop = False
     logger = StepLogger(metrics, total, step, cfg.log_every, always=(1,), desc="groupvit", main=main)
@@ -280,12 +321,16 @@ def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None) -> 
         g.manual_seed(cfg.seed + epoch)
         model.train()
         for images, caps in loader:
-            lr = warmup_cosine_lr(step, total, warm, cfg.lr, cfg.min_lr, cfg.warmup_lr, cfg.cycles)
+            lr = lr_at(step, steps_per_epoch, cfg)
             for grp in opt.param_groups:
                 grp["lr"] = lr
             captions = [labeler.rng.choice(c) for c in caps]
             labels = [labeler(c) for c in captions] if cfg.num_labels > 0 else None
             images = images.to(dev, non_blocking=True)
+            if cfg.color_jitter or cfg.random_erase:  # thesis 4.3
+                images = augment_batch(
+                    images, cfg.color_jitter, cfg.random_erase, step_generator(cfg.seed, step, rank, dev)
+                )
             with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
                 losses = net(images, captions, labels)
             opt.zero_grad(set_to_none=True)
@@ -333,16 +378,9 @@ def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None) -> 
                     "config": json.dumps(dataclasses.asdict(cfg)),
                 },
             )
-            if val_data is not None:
-                r = zero_shot_miou(model, *val_data, names, bgs)
-                val = {
-                    "type": "val",
-                    "epoch": done_epoch,
-                    "step": step,
-                    "miou": r["miou"],
-                    "iou": r["iou"],
-                    "minutes": (time.time() - t0) / 60,
-                }
+            due = done_epoch % cfg.val_every == 0 or done_epoch >= cfg.epochs or stop
+            if validate is not None and due:
+                val = val_record(validate(model), done_epoch, step, t0, val_name)
                 metrics.append(val)
                 history.append(val)
                 if progress:

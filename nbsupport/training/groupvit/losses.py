@@ -186,13 +186,14 @@ def dino_distillation_loss(
     attn: torch.Tensor,
     dino_sim: torch.Tensor,
     temperature: float = 1.0,
-    reduction: str = "mean",
+    reduction: str = "sum",
     eps: float = 1e-8,
     row_normalize: bool = False,
 ) -> torch.Tensor:
     """Eq 52: ``-sum_ij softmax(DINOsim / t)_ij log((Attn^T Attn)_ij)`` with ``attn [B, G, N]`` (soft chained
-    attention, Eq 32) and ``dino_sim [B, N, N]`` (row-wise softmax, teacher). ``reduction="sum"`` is Eq 52
-    per image (then the batch mean); ``"mean"`` divides by ``N`` (mean cross-entropy per row).
+    attention, Eq 32) and ``dino_sim [B, N, N]`` (row-wise softmax, teacher). ``reduction="sum"`` (default) is
+    Eq 52 as written, summed over the ``N x N`` pairs of an image (then the batch mean); ``"mean"`` divides
+    that by ``N`` (the mean cross-entropy per row).
 
     As written, Eq 52 has a trivial minimum: with every patch in one group ``Attn^T Attn`` is all ones and
     the loss is 0 whatever the target (entries are <= 1, so no grouping scores better). ``row_normalize``
