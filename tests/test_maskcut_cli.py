@@ -67,3 +67,40 @@ def test_shards_merge_to_the_single_run(images, tmp_path):
     assert strip(a["annotations"]) == strip(b["annotations"])
     bad = run_cli(["maskcut", "--images", str(images), "--out", str(tmp_path / "x.json"), "--shard", "2/2", *COMMON])
     assert bad.returncode == 2 and "--shard" in bad.stderr
+
+
+def test_failing_image_is_recorded_and_the_run_goes_on(images, tmp_path, monkeypatch):
+    import torch
+
+    from nbsupport.maskcut import cli
+
+    args = ["maskcut", "--images", str(images), "--device", "cpu", *COMMON]
+    assert cli.main([*args, "--out", str(tmp_path / "ref.json")]) == 0
+    real, singles, message = cli.image_masks, [], "CUDA out of memory. Tried to allocate 2.00 GiB"
+
+    def out_of_memory(model, ims, *a, **k):  # every batch runs out of memory, and so does the 2nd image alone
+        if len(ims) == 1:
+            singles.append(1)
+        if len(ims) > 1 or len(singles) == 2:
+            raise torch.cuda.OutOfMemoryError(message)
+        return real(model, ims, *a, **k)
+
+    monkeypatch.setattr(cli, "image_masks", out_of_memory)
+    assert cli.main([*args, "--out", str(tmp_path / "oom.json")]) == 0
+    assert len(singles) == 7  # batches of 3, 3, 1: the first two retried image by image
+    report = json.loads((tmp_path / "oom.report.json").read_text())
+    oom_err, load_err = report["failed"]
+    assert oom_err == {"file": "val_000001.png", "image_id": 2, "error": "OutOfMemoryError: " + message}
+    assert (load_err["file"], load_err["image_id"]) == ("zz_corrupt.png", 8) and "corrupt" in load_err["error"]
+    ref, oom = json.loads((tmp_path / "ref.json").read_text()), json.loads((tmp_path / "oom.json").read_text())
+    assert [im["id"] for im in oom["images"]] == [1, 3, 4, 5, 6, 7]
+    rles = lambda d: [(a["image_id"], a["segmentation"]) for a in d["annotations"] if a["image_id"] != 2]  # noqa: E731
+    assert rles(oom) == rles(ref) and len(rles(ref)) > 0
+
+
+def test_torchrun_environment_refuses_shard(images, tmp_path, monkeypatch):
+    from nbsupport.maskcut import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = ["maskcut", "--images", str(images), "--out", str(tmp_path / "a.json"), "--shard", "0/2", *COMMON]
+    assert cli.main(args) == 2 and not (tmp_path / "a.json").exists()
