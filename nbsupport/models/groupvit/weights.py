@@ -39,7 +39,17 @@ SHIPPED = {
     "tiny_groupvit_synth": (
         "tiny_groupvit_synth.safetensors",
         "python -m nbsupport groupvit-train --recipe tiny_groupvit_synth (see docs/experiments/tiny_groupvit.md)",
-    )
+    ),
+    "tiny_groupvit_synth_supervised": (
+        "tiny_groupvit_synth_supervised.safetensors",
+        "python -m nbsupport standin train --recipe tiny_groupvit_synth_supervised "
+        "(see docs/experiments/offline_models.md)",
+    ),
+}
+
+#: Descriptions of shipped weights that are not the default "tiny GroupViT trained on the synthetic world".
+SHIPPED_DESCRIPTIONS = {
+    "tiny_groupvit_synth_supervised": "tiny GroupViT, supervised stand-in (synthetic world)",
 }
 
 
@@ -234,6 +244,8 @@ def load(
       ``nbs_info["fixture"]`` True and "(random weights, fixture)" in the description;
     - ``"nvidia/groupvit-gcc-yfcc"``: HF hub weights through ``huggingface_hub`` (if installed), renamed;
     - ``"tiny_groupvit_synth"``: the tiny GroupViT trained on the synthetic world (:data:`SHIPPED`);
+    - ``"tiny_groupvit_synth_supervised"``: its supervised stand-in (groups matched to instance masks,
+      ``nbsupport.training.standins``; not shipped yet), stored in fp16 and loaded as fp32;
     - a path to a ``.pth``/``.pt`` (official or HF layout, maybe nested under ``model``) or ``.safetensors``.
 
     ``fallback``: a name loaded instead (with a logged warning, and ``nbs_info["fallback_for"]`` set) when
@@ -276,7 +288,7 @@ def _load(name: str, device, img_size, download: bool, seed: int) -> GroupViT:
             "name": name,
             "pretrained": True,
             "fixture": False,
-            "description": f"{name} (tiny GroupViT trained on the synthetic world)",
+            "description": SHIPPED_DESCRIPTIONS.get(name, f"{name} (tiny GroupViT trained on the synthetic world)"),
         }
         return model.to(device)
     path = Path(name)
