@@ -304,3 +304,52 @@ def test_cli_parses_and_dry_runs(tmp_path, capsys):
     assert "[to run] GroupViT | LE seed 1" in out and "--nproc_per_node 2" in out and "Table 99" in out
     with pytest.raises(SystemExit, match="not found"):
         args.func(p.parse_args(["groupvit-sweep", "table99"]))
+
+
+def test_fixture_runs_give_the_table_in_the_thesis_layout(tmp_path):
+    """The real path offline: one training step, validated by the evaluator of groupvit-eval on the VOC and
+    Pascal Context fixtures (official layouts), and the evaluation-only row; the table has the thesis's
+    columns for both datasets with the published numbers beside ours, and every run's number is the one the
+    evaluator gives for its saved model."""
+    from nbsupport.analysis import segmentation_eval
+    from nbsupport.analysis.zero_shot_protocol import EvalSettings
+    from nbsupport.data.datasets import voc
+    from nbsupport.data.datasets.registry import segmentation_dataset
+    from nbsupport.models import groupvit as gv
+
+    roots = voc.write_fixture(tmp_path / "fx")["root"]
+    data = {
+        "table": "F",
+        "datasets": ["voc", "context"],
+        "label_columns": ["Method"],
+        "base": {
+            "model": "random:small",
+            "n_train": 8,
+            "batch_size": 8,
+            "image_size": 32,
+            "epochs": 1,
+            "context_length": 24,
+            "val_short_side": 32,
+            "val_window": 32,
+            "val_stride": 16,
+            "tagger": "lexicon",
+            "threads": 1,
+        },
+        "seeds": [0],
+        "variants": [
+            {"row": ["Original"], "train": False, "thesis": {"voc": 52.29, "context": 22.39}},
+            {"row": ["GE"], "set": {"w_ge": 1.0}, "thesis": {"voc": 50.16}},
+        ],
+    }
+    out = tmp_path / "runs"
+    over = [f"val_roots={{voc: {roots['voc']}, context: {roots['context']}}}"]
+    text = sc.run_sweep(_write(tmp_path, data, "fx.yaml"), out, overrides=over, echo=lambda *a: None)
+    ge = json.loads((out / "fx" / "ge" / "seed0" / "result.json").read_text())
+    assert set(ge["miou"]) == {"voc", "context"} and ge["step"] == 1
+    model = gv.load(str(out / "fx" / "ge" / "seed0" / "final.safetensors"))
+    settings = EvalSettings(short_side=32, window=32, stride=16)
+    want = segmentation_eval.validate(model, segmentation_dataset("voc", roots["voc"], "val"), settings=settings)
+    assert ge["miou"]["voc"] == pytest.approx(want["miou"], abs=1e-6)
+    header = next(line for line in text.splitlines() if line.startswith("| Method"))
+    assert "PVOC" in header and "(thesis)" in header and "PContext" in header
+    assert f"| GE | {ge['miou']['voc']:.2f} | 50.16 |" in text
