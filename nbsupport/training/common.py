@@ -64,6 +64,16 @@ def warmup_multistep_lr(
     return lr
 
 
+def decay_param_groups(named_params: Iterable, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups as GroupViT sets them: weight decay on matrices, none on biases, norms, group /
+    class tokens and position embeddings; parameters that do not require a gradient are left out."""
+    decay, rest = [], []
+    for n, p in named_params:
+        if p.requires_grad:
+            (decay if p.ndim > 1 and "token" not in n and "pos_embed" not in n else rest).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
 # --------------------------------------------------------------------------------------------------
 # Checkpoints and seeding
 

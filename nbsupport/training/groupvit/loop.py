@@ -28,6 +28,7 @@ from nbsupport.models import groupvit as gv
 from nbsupport.training.common import (
     MetricsLog,
     StepLogger,
+    decay_param_groups,
     load_checkpoint,
     model_state,
     save_checkpoint,
@@ -268,18 +269,8 @@ def train(cfg: TrainConfig, model: gv.GroupViT | None = None, progress=None, val
     model = prepare_model(cfg, model, resuming)  # a resumed run loads its own weights below
     model = model.to(dev).train()
     trainable = set_trainable(model, cfg.trainable)
-    decay = [
-        p
-        for n, p in model.named_parameters()
-        if p.requires_grad and p.ndim > 1 and "token" not in n and "pos_embed" not in n
-    ]
-    no_decay = [
-        p
-        for n, p in model.named_parameters()
-        if p.requires_grad and not (p.ndim > 1 and "token" not in n and "pos_embed" not in n)
-    ]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        decay_param_groups(model.named_parameters(), cfg.weight_decay),
         lr=cfg.lr,
         betas=(0.9, 0.999),
         eps=1e-8,

@@ -33,6 +33,7 @@ from nbsupport.models import groupvit as gv
 from nbsupport.training.common import (
     MetricsLog,
     StepLogger,
+    decay_param_groups,
     model_state,
     save_checkpoint,
     seed_everything,
@@ -211,12 +212,7 @@ def train(cfg: GroupvitConfig, command: str = "", log=print) -> dict:
     model = build_model(cfg).train()
     if model.cfg.patch_size != 8:
         raise ValueError(f"the scene pool is labelled on a patch-8 grid; {cfg.model} has patch {model.cfg.patch_size}")
-    named = list(model.named_parameters())
-    decay = [p for n, p in named if p.ndim > 1 and "token" not in n and "pos_embed" not in n]
-    rest = [p for n, p in named if not (p.ndim > 1 and "token" not in n and "pos_embed" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    )
+    opt = torch.optim.AdamW(decay_param_groups(model.named_parameters(), cfg.weight_decay))
     g = torch.Generator().manual_seed(cfg.seed)
     t_train = time.time()
     metrics = MetricsLog(out)

@@ -26,6 +26,7 @@ from nbsupport.models import backbones, features
 from nbsupport.training.common import (
     MetricsLog,
     StepLogger,
+    decay_param_groups,
     model_state,
     save_checkpoint,
     seed_everything,
@@ -152,11 +153,7 @@ def train(cfg: VitConfig, command: str = "", log=print) -> dict:
     model = build_vit(cfg).train()
     heads = Heads(cfg.embed_dim)
     params = [*model.named_parameters(), *(("head." + n, p) for n, p in heads.named_parameters())]
-    decay = [p for n, p in params if p.ndim > 1 and "token" not in n and "pos_embed" not in n]
-    rest = [p for n, p in params if not (p.ndim > 1 and "token" not in n and "pos_embed" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    )
+    opt = torch.optim.AdamW(decay_param_groups(params, cfg.weight_decay))
     g = torch.Generator().manual_seed(cfg.seed)
     t_train = time.time()
     metrics = MetricsLog(out)
