@@ -192,16 +192,21 @@ class ClusterProbeResult:
     def summary(self):
         """Mean and std over seeds per (estimator, criterion): columns estimator, criterion, seeds,
         accuracy, accuracy_std, miou, miou_std."""
-        df = self.table()
-        g = df.groupby(["estimator", "criterion"], sort=False)
-        out = g.agg(
-            seeds=("seed", "count"),
-            accuracy=("accuracy", "mean"),
-            accuracy_std=("accuracy", lambda v: float(np.std(v))),
-            miou=("miou", "mean"),
-            miou_std=("miou", lambda v: float(np.std(v))),
-        )
-        return out.reset_index()
+        return seed_summary(self.table(), ["estimator", "criterion"])
+
+
+def seed_summary(df, keys: list[str]):
+    """Mean and (population) std over seeds of the ``accuracy`` and ``miou`` columns of a DataFrame of runs,
+    per ``keys``: columns ``*keys``, seeds, accuracy, accuracy_std, miou, miou_std."""
+    g = df.groupby(keys, sort=False)
+    out = g.agg(
+        seeds=("seed", "count"),
+        accuracy=("accuracy", "mean"),
+        accuracy_std=("accuracy", lambda v: float(np.std(v))),
+        miou=("miou", "mean"),
+        miou_std=("miou", lambda v: float(np.std(v))),
+    )
+    return out.reset_index()
 
 
 def cluster_probe(

@@ -143,16 +143,7 @@ class ProbeReport:
         """Mean and std over seeds per (dataset, backbone, estimator, criterion)."""
         import pandas as pd
 
-        df = pd.DataFrame(self.cluster)
-        g = df.groupby(["dataset", "backbone", "estimator", "criterion"], sort=False)
-        out = g.agg(
-            seeds=("seed", "count"),
-            accuracy=("accuracy", "mean"),
-            accuracy_std=("accuracy", lambda v: float(np.std(v))),
-            miou=("miou", "mean"),
-            miou_std=("miou", lambda v: float(np.std(v))),
-        )
-        return out.reset_index()
+        return cluster.seed_summary(pd.DataFrame(self.cluster), ["dataset", "backbone", "estimator", "criterion"])
 
     def linear_table(self):
         import pandas as pd
