@@ -118,13 +118,8 @@ def test_offline_error_names_url_and_path(cache, monkeypatch):
     assert not (cache / "dino" / "dino_vitbase8_pretrain.pth").exists()
 
 
-def test_offline_env_attempts_no_download(cache, monkeypatch):
+def test_offline_env_attempts_no_download(cache, monkeypatch, no_network):
     """NBSUPPORT_OFFLINE=1: the loader never calls the network and names the URL and the cache path."""
-
-    def must_not_download(url, dst, progress=True):
-        raise AssertionError(f"download attempted: {url}")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", must_not_download)
     monkeypatch.setenv("NBSUPPORT_OFFLINE", "1")
     with pytest.raises(checkpoints.WeightsUnavailableError) as e:
         backbones.load("dino_vits16")

@@ -29,15 +29,11 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture
-def offline(cache, monkeypatch):
+def offline(cache, monkeypatch, no_network):
     """NBSUPPORT_CACHE at the fixture folder, NBSUPPORT_OFFLINE=1, and a network that must not be used."""
-
-    def must_not_download(url, dst, progress=True):
-        raise AssertionError(f"download attempted: {url}")
 
     monkeypatch.setenv("NBSUPPORT_CACHE", str(cache))
     monkeypatch.setenv("NBSUPPORT_OFFLINE", "1")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", must_not_download)
     return cache
 
 
