@@ -75,9 +75,6 @@ def dense_fiedler(A: np.ndarray) -> tuple[np.ndarray, float]:
     return vecs[:, 0], float(vals[1] - vals[0])
 
 
-_dense_reference = dense_fiedler
-
-
 def second_eigenvector(
     A, solver: str = "auto", tol: float = 1e-6, seed: int = 0, stats: SolverStats | None = None
 ) -> np.ndarray:
