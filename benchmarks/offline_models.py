@@ -10,13 +10,13 @@ ViT backbones (``tiny_dino_synth``, ``tiny_vit_synth_supervised``, ``random_tiny
   and scored on the object patches of the validation scenes (the same probe for every backbone);
 - head accuracy: the stand-in's own patch head on the same patches.
 
-GroupViTs (random-init ``small`` as the demo uses it, random-init ``small128``, ``tiny_groupvit_synth_supervised``):
+GroupViTs (random-init ``small`` as the smoke profile uses it, random-init ``small128``, ``tiny_groupvit_synth_supervised``):
 
 - zero-shot mIoU at 64 px (and 128 px), :func:`nbsupport.analysis.zero_shot.zero_shot_miou` with the class
   names as prompts and the background names scored as background; the all-background prediction's mIoU;
-- group entropy of ``Attn`` on patches inside objects, inside the background and on borders (nats; log 4 =
+- group entropy of ``Attn`` at 128 px on patches inside objects, inside the background and on borders (nats; log 4 =
   1.39 is uniform over the 4 final groups);
-- kNN purity of the final group tokens (k = 10, in token space): the share of each owned token's nearest
+- kNN purity of the final group tokens at 128 px (k = 10, in token space): the share of each owned token's nearest
   tokens with its majority label.
 
     python benchmarks/offline_models.py                  # 200 scenes; rewrites the table in docs/experiments/offline_models.md
@@ -105,8 +105,8 @@ def groupvit_rows(n_images: int, sizes=(64, 128), extra=()) -> list[dict]:
         row = {"model": name, "description": gv.describe(model)}
         for s, (imgs, sem) in data.items():
             row[f"mIoU {s}px"] = zero_shot_miou(model, imgs, sem, names, bgs)["miou"]
-        row.update({f"entropy {k}": v for k, v in group_stats(model, min(n_images, 64), 64).items()})
-        imgs, sem = data[sizes[0]]
+        row.update({f"entropy {k}": v for k, v in group_stats(model, min(n_images, 64), sizes[-1]).items()})
+        imgs, sem = data[sizes[-1]]
         feats, soft = collect_tokens(model, imgs, sem, len(names) + 1).owned()
         row["token kNN purity"] = embedding.knn_purity(feats, soft.argmax(-1), k=10)
         rows.append(row)
@@ -159,7 +159,7 @@ def main():
     text = (
         f"ViT backbones, {args.images} validation scenes at 128 px (probe fit on {args.probe_images} train scenes):\n\n"
         + table(vr, ["key AUC", "median key cos", "probe acc", "head acc"])
-        + f"\n\nGroupViTs, {args.images} validation scenes (entropy and kNN purity at 64 px):\n\n"
+        + f"\n\nGroupViTs, {args.images} validation scenes (entropy and kNN purity at 128 px, the notebooks' size):\n\n"
         + table(
             gr,
             ["mIoU 64px", "mIoU 128px", "entropy objects", "entropy background", "entropy borders", "token kNN purity"],

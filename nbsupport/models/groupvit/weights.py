@@ -244,8 +244,8 @@ def load(
       ``nbs_info["fixture"]`` True and "(random weights, fixture)" in the description;
     - ``"nvidia/groupvit-gcc-yfcc"``: HF hub weights through ``huggingface_hub`` (if installed), renamed;
     - ``"tiny_groupvit_synth"``: the tiny GroupViT trained on the synthetic world (:data:`SHIPPED`);
-    - ``"tiny_groupvit_synth_supervised"``: its supervised stand-in (groups matched to instance masks,
-      ``nbsupport.training.standins``; not shipped yet), stored in fp16 and loaded as fp32;
+    - ``"tiny_groupvit_synth_supervised"``: the supervised stand-in (groups matched to instance masks and
+      named by class, ``nbsupport.training.standins``), stored in fp16 and loaded as fp32;
     - a path to a ``.pth``/``.pt`` (official or HF layout, maybe nested under ``model``) or ``.safetensors``.
 
     ``fallback``: a name loaded instead (with a logged warning, and ``nbs_info["fallback_for"]`` set) when

@@ -61,6 +61,7 @@ class GroupvitConfig:
     export: str = ""  # also write the weights (fp16) as this .safetensors file
     model: str = "small128"  # GroupViT config (nbsupport.models.groupvit.CONFIGS)
     init_vit: str = ""  # start the image encoder from this ViT (backbone name or path; "" = random init)
+    freeze_vit: bool = False  # keep the patch embedding and the first stage's blocks (started from init_vit) frozen
     image_size: int = 64
     n_train: int = 2000
     mix_size: int = 0  # > 0: every mix_every-th step trains on scenes rendered at this size (the notebooks' 128 px)
@@ -76,14 +77,24 @@ class GroupvitConfig:
     weight_decay: float = 0.05
     clip_grad: float = 1.0
     context_length: int = 24  # tokens per prompt / caption in training (the causal text encoder pools EOT)
-    # The weights balance the terms' gradients on the image encoder at init (the projector's BatchNorm makes
-    # the contrastive terms' gradients ~1000x the grouping term's there): ~50-70 each.
+    # Loss weights (terms in nbsupport.training.standins.groupvit.losses). The grouping terms are per patch and
+    # start near log G nats; the text terms near log(prompts): the recipe weighs them 100 and 20.
     w_itc: float = 0.1  # image-caption contrastive (GroupViT's Eq 21-23)
     w_group: float = 100.0  # cross-entropy of every patch's group assignment to its Hungarian-matched group
+    w_group1: float = 0.0  # the same for the first stage's assignment A^1: one Hungarian-matched group per segment
     w_group_text: float = 1.0  # matched group embeddings vs the prompts of their segment's class / background
     w_image_text: float = 0.5  # image embedding vs the prompts of the classes and background it shows
+    w_dense: float = 0.0  # per-patch cross-entropy of the zero-shot labelling (Attn-mixed group-text softmax, Eq 33)
+    w_segment_text: float = 0.0  # first-stage groups (stage-2 segment tokens) vs the prompts of the labels they took
+    background_names: str = "own"  # own: a background is taught its scene's background name | any: any background name
+    templates: str = "simple"  # prompt templates of the text terms: simple ("a photo of a {}.") | all (+ CLIP's 7)
     w_purity: float = 10.0  # entropy of the segments each first-stage group covers (groups inside one segment)
-    background_group: bool = True  # the background is always final group 0; objects are matched to the others
+    assign_init: str = "default"  # default (GroupViT's init) | content (new groups start as the mean of their segments)
+    group_context_scale: float = 0.1  # with assign_init content: start of the group tokens' shared-context LayerNorm
+    balance_segments: bool = True  # per-patch terms weigh every segment (background, each object) equally
+    background_group: bool = (
+        True  # the background is always group 0 (of each matched stage); objects are matched to the others
+    )
     val_images: int = 64  # validation scenes for the zero-shot mIoU logged at the end (0 = none)
     log_every: int = 25
     seed: int = 0
