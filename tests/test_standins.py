@@ -121,6 +121,7 @@ def test_segment_weights_give_every_segment_the_same_weight():
     w = segment_weights(seg)
     assert torch.allclose(w, torch.tensor([[1 / 9, 1 / 9, 1 / 9, 1 / 3, 0.0, 1 / 3]]))
     assert torch.allclose(segment_weights(seg, balance=False), torch.tensor([[0.2, 0.2, 0.2, 0.2, 0.0, 0.2]]))
+    assert torch.equal(segment_weights(torch.full((1, 3), -1)), torch.zeros(1, 3))  # nothing labelled
 
 
 def test_dense_loss_by_hand():
@@ -194,3 +195,34 @@ def test_content_first_init_makes_groups_the_mean_of_their_segments():
         n = hard.sum(-1, keepdim=True)
         assert torch.allclose(groups, torch.zeros_like(groups), atol=1e-6)
         assert torch.allclose(new, hard @ x / (n + 1), atol=1e-5)
+
+
+def test_any_background_folds_the_background_prompts():
+    from nbsupport.training.standins.groupvit import N_CLASSES, any_background
+
+    logits = torch.arange(N_CLASSES + 3, dtype=torch.float32)[None]
+    folded = any_background(logits)
+    assert folded.shape == (1, N_CLASSES + 1) and torch.equal(folded[0, :N_CLASSES], logits[0, :N_CLASSES])
+    assert torch.allclose(folded[0, -1], torch.logsumexp(logits[0, N_CLASSES:], 0))
+    p = logits.softmax(-1)
+    assert torch.allclose(any_background(p, log=False).sum(-1), torch.ones(1))
+
+
+def test_freeze_vit_keeps_the_first_stage_of_the_vit_stand_in():
+    """``freeze_vit``: the patch embedding, position embedding and first-stage blocks come from the ViT and
+    take no gradient; without ``init_vit`` it refuses."""
+    from nbsupport.models import backbones
+    from nbsupport.training.standins import groupvit as S
+    from nbsupport.training.standins.config import GroupvitConfig
+
+    cfg = GroupvitConfig(init_vit="tiny_vit_synth_supervised", freeze_vit=True, assign_init="content", image_size=128)
+    model = S.build_model(cfg)
+    frozen = {id(p) for p in S.frozen_parameters(model)}
+    assert frozen and all(not p.requires_grad for p in S.frozen_parameters(model))
+    assert all(p.requires_grad for p in model.parameters() if id(p) not in frozen)
+    vit = backbones.load("tiny_vit_synth_supervised")
+    blk = model.img_encoder.layers[0].blocks[1]
+    assert torch.equal(blk.attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
+    assert torch.allclose(model.img_encoder.pos_embed, vit.pos_embed[:, 1:])  # 128 px: the same 16 x 16 grid
+    with pytest.raises(ValueError, match="init_vit"):
+        S.build_model(GroupvitConfig(freeze_vit=True))

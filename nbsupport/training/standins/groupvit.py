@@ -56,7 +56,7 @@ from nbsupport.training.standins.vit import lr_at
 #: The description figure titles print.
 DESCRIPTION = "tiny GroupViT, supervised stand-in (synthetic world)"
 
-#: The prompt of training and of the zero-shot evaluation (:data:`nbsupport.models.groupvit.TEMPLATES`).
+#: GroupViT's single prompt (:data:`nbsupport.models.groupvit.TEMPLATES`), trained alone or with CLIP's 7.
 TEMPLATE = gv.TEMPLATES["simple"][0]
 
 
@@ -97,9 +97,10 @@ def content_first_init(model: gv.GroupViT, context_scale: float = 0.1) -> gv.Gro
     takes (Eq 17): the assignment's value and output projections start as the identity, and the LayerNorm
     that ends the group tokens' cross-attention (the context every group reads from the whole image) starts
     at ``context_scale`` (the assignment's query projection, which reads the same tokens, scaled by its
-    inverse so the assignment logits start as they would). With the default init the assigned content is ~1/100 of that shared context, so
-    each final group starts as the image's mixture and, on CPU budgets, stays one (the group-text loss at
-    chance). Only the init changes: the architecture and its state-dict keys are the official ones."""
+    inverse so the assignment logits start as they would). With the default init the assigned content is
+    ~1/100 of that shared context, so each final group starts as the image's mixture and, on CPU budgets,
+    stays one (the group-text loss at chance). Only the init changes: the architecture and its state-dict
+    keys are the official ones."""
     with torch.no_grad():
         for st in model.img_encoder.layers:
             blk = st.downsample
@@ -116,7 +117,8 @@ def content_first_init(model: gv.GroupViT, context_scale: float = 0.1) -> gv.Gro
 
 def templates(cfg: GroupvitConfig) -> tuple[str, ...]:
     """The prompt templates trained: "a photo of a {}." alone (``cfg.templates == "simple"``), or with CLIP's
-    7-template ensemble the notebooks also prompt with (``"all"``; :data:`nbsupport.data.caption_labels.TEMPLATES`)."""
+    7-template ensemble the notebooks also prompt with (``"all"``;
+    :data:`nbsupport.data.caption_labels.TEMPLATES`)."""
     if cfg.templates not in ("simple", "all"):
         raise ValueError(f"templates must be 'simple' or 'all', got {cfg.templates!r}")
     return (TEMPLATE,) + (tuple(CLIP_TEMPLATES) if cfg.templates == "all" else ())
@@ -189,7 +191,7 @@ def segment_weights(segments: torch.Tensor, balance: bool = True) -> torch.Tenso
     keep = (segments >= 0).to(torch.float32)
     if not balance:
         return keep / keep.sum(1, keepdim=True).clamp(min=1)
-    onehot = F.one_hot(segments.clamp(min=0), int(segments.max()) + 1).to(torch.float32) * keep[..., None]
+    onehot = F.one_hot(segments.clamp(min=0), int(segments.max().clamp(min=0)) + 1).float() * keep[..., None]
     size = onehot.sum(1, keepdim=True)  # [B, 1, S]
     n_seg = (size > 0).sum(-1).clamp(min=1)  # [B, 1]
     return (onehot / size.clamp(min=1)).sum(-1) / n_seg
