@@ -342,17 +342,8 @@ def test_intra_inter_on_planted_patches():
 # ---------------------------------------------------------------- patch affinity (Fig 26)
 
 
-def grid_with_square():
-    f = torch.zeros(8, 8, 4)
-    f[..., 1] = 1.0
-    f[2:5, 3:7] = torch.tensor([1.0, 0, 0, 0])
-    m = np.zeros((8, 8), bool)
-    m[2:5, 3:7] = True
-    return f, m
-
-
-def test_patch_affinity_by_hand():
-    f, m = grid_with_square()
+def test_patch_affinity_by_hand(grid_with_square):
+    f, m = grid_with_square
     A = affinity.patch_affinity(f)
     assert A.shape == (64, 64) and torch.allclose(A, A.T) and torch.allclose(A.diagonal(), torch.ones(64))
     assert A[2 * 8 + 3, 4 * 8 + 6] == 1.0 and A[0, 2 * 8 + 3] == 0.0  # row-major patch order
@@ -363,8 +354,8 @@ def test_patch_affinity_by_hand():
 # ---------------------------------------------------------------- LarvSeg prototypes, mIoU
 
 
-def test_prototype_segmentation_and_miou():
-    f, m = grid_with_square()
+def test_prototype_segmentation_and_miou(grid_with_square):
+    f, m = grid_with_square
     labels = np.where(m, 1, 0)
     pred = affinity.prototype_response_segmentation(f, labels, rng=0)
     np.testing.assert_array_equal(pred, labels)

@@ -7,21 +7,11 @@ import torch
 
 from nbsupport.analysis import prompt_patch as pp
 
-
-def grid_with_square():
-    f = torch.zeros(8, 8, 4)
-    f[..., 1] = 1.0
-    f[2:5, 3:7] = torch.tensor([1.0, 0, 0, 0])
-    m = np.zeros((8, 8), bool)
-    m[2:5, 3:7] = True
-    return f, m
-
-
 # ---------------------------------------------------------------- on the patch grid (the thesis setting)
 
 
-def test_prompt_patch_segment_recovers_planted_region():
-    f, m = grid_with_square()
+def test_prompt_patch_segment_recovers_planted_region(grid_with_square):
+    f, m = grid_with_square
     yx = pp.sample_prompt_points(m)
     assert m[yx]
     for t in (0.1, 0.3, 0.5, 0.7, 0.9):
@@ -66,8 +56,8 @@ def test_prompt_point_is_the_centre():
         pp.sample_prompt_points(m, "corner")
 
 
-def test_similarity_map():
-    f, m = grid_with_square()
+def test_similarity_map(grid_with_square):
+    f, m = grid_with_square
     s = pp.similarity_map(f, (3, 4))
     assert s.shape == (8, 8) and torch.allclose(s[torch.from_numpy(m)], torch.ones(int(m.sum())))
     assert torch.allclose(s[torch.from_numpy(~m)], torch.zeros(int((~m).sum())))
