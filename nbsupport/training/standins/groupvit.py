@@ -27,31 +27,21 @@ and every BatchNorm runs on its running statistics (:func:`running_stats`), as i
 from __future__ import annotations
 
 import contextlib
-import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from nbsupport.analysis.zero_shot import zero_shot_miou
-from nbsupport.core.config import write_config
 from nbsupport.data.caption_labels import TEMPLATES as CLIP_TEMPLATES
 from nbsupport.data.scenes import synthetic_class_names, synthetic_scenes
 from nbsupport.models import groupvit as gv
-from nbsupport.training.common import (
-    MetricsLog,
-    StepLogger,
-    decay_param_groups,
-    model_state,
-    save_checkpoint,
-    seed_everything,
-)
+from nbsupport.training.common import decay_param_groups, model_state, save_checkpoint
 from nbsupport.training.groupvit.losses import image_text_contrastive
 from nbsupport.training.standins.config import GroupvitConfig
 from nbsupport.training.standins.data import N_CLASSES, scene_pool
-from nbsupport.training.standins.vit import lr_at
+from nbsupport.training.standins.loop import export_paths, run_steps, save_weights, start_run
 
 #: The description figure titles print.
 DESCRIPTION = "tiny GroupViT, supervised stand-in (synthetic world)"
@@ -345,12 +335,7 @@ def train(cfg: GroupvitConfig, command: str = "", log=print) -> dict:
     ``final.safetensors``; and ``cfg.export`` when set); stops after ``cfg.steps`` or ``cfg.max_minutes``.
     Returns ``{"steps", "minutes", "val"}`` (val: zero-shot mIoU on ``cfg.val_images`` scenes)."""
     t0 = time.time()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, out)
+    out = start_run(cfg)
     pool = scene_pool(cfg.n_train, cfg.image_size, cfg.seed, "train", 8, cfg.max_objects)
     mix = None
     if cfg.mix_size:
@@ -361,33 +346,23 @@ def train(cfg: GroupvitConfig, command: str = "", log=print) -> dict:
         raise ValueError(f"the scene pool is labelled on a patch-8 grid; {cfg.model} has patch {model.cfg.patch_size}")
     opt = torch.optim.AdamW(decay_param_groups(model.named_parameters(), cfg.weight_decay))
     g = torch.Generator().manual_seed(cfg.seed)
-    t_train = time.time()
-    metrics = MetricsLog(out)
-    metrics.start(resume_keep=None)
-    logger = StepLogger(metrics, cfg.steps, log_every=cfg.log_every, always=(1,), desc="standin groupvit", show=False)
-    step = 0
-    while step < cfg.steps:
-        if cfg.max_minutes and (time.time() - t0) / 60 > cfg.max_minutes:
-            log(f"standin groupvit: max_minutes {cfg.max_minutes} reached at step {step}")
-            break
-        lr = lr_at(step, (time.time() - t_train) / 60, cfg)
-        for grp in opt.param_groups:
-            grp["lr"] = lr
+
+    def next_batch(step):
         if mix is not None and step % cfg.mix_every == cfg.mix_every - 1:
-            batch = mix.batch(torch.randint(len(mix), (max(2, cfg.batch_size // 2),), generator=g))
-        else:
-            batch = pool.batch(torch.randint(len(pool), (cfg.batch_size,), generator=g))
-        terms = losses(model, batch, cfg)
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        opt.step()
-        step += 1
-        rec = {"step": step, "lr": lr, "minutes": (time.time() - t0) / 60}
-        rec.update({k: float(v.detach()) for k, v in terms.items()})
-        if logger.step(step, cfg.batch_size, rec if logger.due(step) else None) is not None:
-            log(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}))
-    logger.close()
+            return mix.batch(torch.randint(len(mix), (max(2, cfg.batch_size // 2),), generator=g))
+        return pool.batch(torch.randint(len(pool), (cfg.batch_size,), generator=g))
+
+    step, metrics = run_steps(
+        cfg,
+        "standin groupvit",
+        out,
+        opt,
+        list(model.parameters()),
+        next_batch,
+        lambda batch: losses(model, batch, cfg),
+        t0,
+        log,
+    )
     model.eval()
     save_checkpoint(out / "checkpoint.pth", {"model": model_state(model), "step": step})
     val = {}
@@ -396,7 +371,7 @@ def train(cfg: GroupvitConfig, command: str = "", log=print) -> dict:
         metrics.append({"type": "val", "step": step, **val})
         log(f"standin groupvit: zero-shot mIoU on {cfg.val_images} val scenes {val['miou']:.2f}")
     minutes = (time.time() - t0) / 60
-    for path in {out / "final.safetensors", *([Path(cfg.export)] if cfg.export else [])}:
+    for path in export_paths(cfg, out):
         export(model, path, cfg, command, step, minutes)
     return {"steps": step, "minutes": minutes, "val": {"miou": val.get("miou")}}
 
@@ -405,24 +380,11 @@ def export(model: gv.GroupViT, path, cfg: GroupvitConfig, command: str, step: in
     """The weights as fp16 safetensors (half the size; loaded back into fp32 by
     :func:`nbsupport.models.groupvit.load`), with the description, the recipe (merged configuration), the
     command, the steps and minutes in the metadata."""
-    from safetensors.torch import save_file
-
     sd = {
         k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous().cpu()
         for k, v in model.state_dict().items()
     }
-    skip = ("out", "export", "threads")
-    meta = {
-        "description": DESCRIPTION,
-        "recipe": json.dumps({k: v for k, v in asdict(cfg).items() if k not in skip}),
-        "command": command,
-        "steps": str(step),
-        "minutes": f"{minutes:.1f}",
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path), metadata=meta)
-    return path
+    return save_weights(sd, path, cfg, command, step, minutes, DESCRIPTION)
 
 
 def group_stats(model: gv.GroupViT, n_images: int = 64, size: int = 64, seed: int = 0) -> dict:

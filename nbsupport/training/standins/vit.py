@@ -10,10 +10,7 @@ notebooks compare keys.
 
 from __future__ import annotations
 
-import json
-import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nbsupport.core.config import write_config
 from nbsupport.models import backbones, features
-from nbsupport.training.common import (
-    MetricsLog,
-    StepLogger,
-    decay_param_groups,
-    model_state,
-    save_checkpoint,
-    seed_everything,
-)
+from nbsupport.training.common import decay_param_groups, model_state, save_checkpoint
 from nbsupport.training.standins.config import VitConfig
 from nbsupport.training.standins.data import N_CLASSES, ScenePool, crop_batch, scene_pool
+from nbsupport.training.standins.loop import export_paths, run_steps, save_weights, start_run
 
 #: The description figure titles print (``backbones.describe`` appends the architecture).
 DESCRIPTION = "supervised stand-in (synthetic world)"
@@ -45,19 +35,6 @@ class Heads(nn.Module):
         super().__init__()
         self.patch = nn.Linear(dim, N_CLASSES + 1)
         self.image = nn.Linear(dim, N_CLASSES)
-
-
-def lr_at(step: int, minutes: float, cfg) -> float:
-    """The learning rate after ``step`` steps and ``minutes`` of training: linear warm-up over
-    ``cfg.warmup_steps``, then cosine to ``cfg.min_lr`` over the run's progress, the larger of
-    ``step / cfg.steps`` and ``minutes / cfg.max_minutes`` (when set), so a run on a loaded machine that stops
-    on the clock still ends annealed."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    if cfg.max_minutes:
-        t = max(t, minutes / cfg.max_minutes)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
 def build_vit(cfg: VitConfig) -> nn.Module:
@@ -142,12 +119,7 @@ def train(cfg: VitConfig, command: str = "", log=print) -> dict:
     ``final.safetensors``; and ``cfg.export`` when set); stops after ``cfg.steps`` or ``cfg.max_minutes``.
     Returns ``{"steps", "minutes", "val"}`` (val: :func:`patch_accuracy` on ``cfg.val_images`` scenes)."""
     t0 = time.time()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, out)
+    out = start_run(cfg)
     pool = scene_pool(cfg.n_train, cfg.image_size, cfg.seed, "train", cfg.patch_size, cfg.max_objects)
     log(f"standin vit: {len(pool)} train scenes rendered in {time.time() - t0:.0f} s")
     model = build_vit(cfg).train()
@@ -155,31 +127,22 @@ def train(cfg: VitConfig, command: str = "", log=print) -> dict:
     params = [*model.named_parameters(), *(("head." + n, p) for n, p in heads.named_parameters())]
     opt = torch.optim.AdamW(decay_param_groups(params, cfg.weight_decay))
     g = torch.Generator().manual_seed(cfg.seed)
-    t_train = time.time()
-    metrics = MetricsLog(out)
-    metrics.start(resume_keep=None)
-    logger = StepLogger(metrics, cfg.steps, log_every=cfg.log_every, always=(1,), desc="standin vit", show=False)
-    step = 0
-    while step < cfg.steps:
-        if cfg.max_minutes and (time.time() - t0) / 60 > cfg.max_minutes:
-            log(f"standin vit: max_minutes {cfg.max_minutes} reached at step {step}")
-            break
-        lr = lr_at(step, (time.time() - t_train) / 60, cfg)
-        for grp in opt.param_groups:
-            grp["lr"] = lr
+
+    def next_batch(step):
         batch = pool.batch(torch.randint(len(pool), (cfg.batch_size,), generator=g))
-        batch = crop_batch(batch, cfg.crop_size, cfg.patch_size, g)
-        terms = losses(model, heads, batch, cfg, g)
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.clip_grad)
-        opt.step()
-        step += 1
-        rec = {"step": step, "lr": lr, "minutes": (time.time() - t0) / 60}
-        rec.update({k: float(v.detach()) for k, v in terms.items()})
-        if logger.step(step, cfg.batch_size, rec if logger.due(step) else None) is not None:
-            log(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}))
-    logger.close()
+        return crop_batch(batch, cfg.crop_size, cfg.patch_size, g)
+
+    step, metrics = run_steps(
+        cfg,
+        "standin vit",
+        out,
+        opt,
+        [p for _, p in params],
+        next_batch,
+        lambda batch: losses(model, heads, batch, cfg, g),
+        t0,
+        log,
+    )
     model.eval()
     save_checkpoint(out / "checkpoint.pth", {"model": model_state(model), "heads": model_state(heads), "step": step})
     val = {}
@@ -188,7 +151,7 @@ def train(cfg: VitConfig, command: str = "", log=print) -> dict:
         metrics.append({"type": "val", "step": step, **val})
         log(f"standin vit: patch accuracy on {cfg.val_images} val scenes {val}")
     minutes = (time.time() - t0) / 60
-    for path in {out / "final.safetensors", *([Path(cfg.export)] if cfg.export else [])}:
+    for path in export_paths(cfg, out):
         export(model, heads, path, cfg, command, step, minutes)
     return {"steps": step, "minutes": minutes, "val": val}
 
@@ -197,24 +160,10 @@ def export(model, heads: Heads, path, cfg: VitConfig, command: str, step: int, m
     """The backbone as safetensors in :func:`~nbsupport.models.backbones.save_safetensors`'s format, plus the
     two heads under ``head.patch.*`` / ``head.image.*`` (which the backbone loader skips), and the recipe
     (the merged configuration), the command, the steps and minutes in the metadata."""
-    from safetensors.torch import save_file
-
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     sd.update({f"head.{k}": v.detach().contiguous().cpu() for k, v in heads.state_dict().items()})
-    skip = ("out", "export", "threads")
-    meta = {
-        "num_heads": str(cfg.num_heads),
-        "format": "nbsupport-vit",
-        "description": DESCRIPTION,
-        "recipe": json.dumps({k: v for k, v in asdict(cfg).items() if k not in skip}),
-        "command": command,
-        "steps": str(step),
-        "minutes": f"{minutes:.1f}",
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path), metadata=meta)
-    return path
+    extra = {"num_heads": str(cfg.num_heads), "format": "nbsupport-vit"}
+    return save_weights(sd, path, cfg, command, step, minutes, DESCRIPTION, **extra)
 
 
 def load_heads(path) -> Heads:
