@@ -414,15 +414,15 @@ def add_config_options(
         help=recipe_help
         or "recipe name (in the trainer's recipes/ folder) or YAML path; the options below override it",
     )
-    parser.add_argument(
-        "-o",
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, value parsed as YAML (e.g. -o lr=0.001, -o selftrain.lr=0.001); flags win over it",
+    add_overrides_option(
+        parser, "config override, value parsed as YAML (e.g. -o lr=0.001, -o selftrain.lr=0.001); flags win over it"
     )
+
+
+def add_overrides_option(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    """The repeatable ``-o/--set KEY=VALUE`` option (values parsed as YAML), collected in ``args.overrides``:
+    the override option of every command that reads a config."""
+    parser.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
 def config_from_args(cls, args: argparse.Namespace, recipe_dir=None):

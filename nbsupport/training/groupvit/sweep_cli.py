@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from nbsupport.core.config import ConfigError, config_to_dict
+from nbsupport.core.config import ConfigError, add_overrides_option, config_to_dict
 from nbsupport.core.io import atomic_write_text
 from nbsupport.training.common import read_metrics
 from nbsupport.training.groupvit.sweep import (
@@ -235,14 +235,9 @@ def add_cli(subparsers):
     p.add_argument("--nproc", type=int, default=1, help="processes per run: 1 in this process, > 1 under torchrun")
     p.add_argument("--out", default="runs/sweeps", help="root of the run folders (default: runs/sweeps)")
     p.add_argument("--only", action="append", default=[], metavar="ROW", help="run only this row (label or slug)")
-    p.add_argument(
-        "-o",
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override for every run, value as YAML (e.g. -o data=.../captions_train2017.json, "
+    add_overrides_option(
+        p,
+        "override for every run, value as YAML (e.g. -o data=.../captions_train2017.json, "
         "-o val_roots='{voc: /data/VOCdevkit/VOC2012}', -o epochs=1)",
     )
     p.set_defaults(func=_run_cli)

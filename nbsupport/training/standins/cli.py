@@ -7,7 +7,7 @@ import json
 import shlex
 import sys
 
-from nbsupport.core.config import ConfigError, find_recipe, load_config, read_recipe
+from nbsupport.core.config import ConfigError, add_overrides_option, find_recipe, load_config, read_recipe
 from nbsupport.training.standins.config import CONFIGS, RECIPE_DIR
 
 
@@ -39,7 +39,7 @@ def add_cli(subparsers) -> None:
         description="The recipe's fields, overridden by -o key=value (YAML values) and the options below.",
     )
     t.add_argument("--recipe", required=True, help="a name in nbsupport/training/standins/recipes or a YAML path")
-    t.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_overrides_option(t)
     t.add_argument("--out", default=None, help="run folder (default: the recipe's out)")
     t.add_argument("--export", default=None, help="also write the weights to this .safetensors path")
     t.add_argument("--max-minutes", dest="max_minutes", type=float, default=None, help="wall-clock stop")
